@@ -1,0 +1,4 @@
+# Dolly x GPT2-XL, ANR: 11 autoregressive negatives (python negatives.py --spec an:11), ranked loss eq. (2).
+from paper import dolly_gpt2xl
+
+config = dict(dolly_gpt2xl, objective="cpo", negatives="an:11", ranked=True, an_cache="out/dolly_gpt2xl_an", out_dir="out/dolly_gpt2xl_anr")

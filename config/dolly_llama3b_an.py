@@ -1,0 +1,4 @@
+# Dolly x OpenLlama-3B, AN: 11 autoregressive negatives, unranked loss eq. (1).
+from paper import dolly_llama3b
+
+config = dict(dolly_llama3b, objective="cpo", negatives="an:11", ranked=False, an_cache="out/dolly_llama3b_an", out_dir="out/dolly_llama3b_an")

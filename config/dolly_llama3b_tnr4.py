@@ -1,0 +1,4 @@
+# Negative-type ablation, Dolly x OpenLlama-3B, TNR: 4 truncation negatives, ranked, 200 steps.
+from paper import dolly_llama3b
+
+config = dict(dolly_llama3b, objective="cpo", negatives="tn:4", ranked=True, steps=200, out_dir="out/dolly_llama3b_tnr4")

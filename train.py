@@ -1,0 +1,548 @@
+"""
+Train a language model with MLE or with sequence-level Contrastive Preference Optimization
+(Feng et al. 2024), on a laptop CPU or on many GPUs.
+
+    python train.py                                    # the embedded CPU default (see config/default.py)
+    python train.py config/dolly_gpt2xl_mle.py         # one run of the paper
+    python train.py config/dolly_gpt2xl_mixnr.py --steps=200 --lr=2e-5     # flags override the preset
+    torchrun --standalone --nproc_per_node=8 train.py config/dolly_gpt2xl_mixnr.py
+    # 2 nodes x 8 GPUs: run this on every node, HOST being node 0's address
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=cpo --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py config/dolly_gpt2xl_mixnr.py
+
+One CPO step, top to bottom (`train_step` below): take this rank's share of the global batch
+(data.py); give every example K-1 negatives (negatives.py); score all B*K sequences under the
+policy and the frozen reference (model.py, then cpo.sequence_logprobs_from_hidden); apply eq. (1),
+or eq. (2) with --ranked (cpo.cpo_loss); step AdamW.
+"""
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import runpy
+import shutil
+import sys
+import time
+import copy
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import cpo
+import data
+import evaluate
+import negatives
+from model import ModelConfig, Transformer, byte_tokenizer, load, read_safetensors
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # model and data
+    init_from: str = opt("scratch", "starting weights: an HF folder, a hub name, or 'scratch' (a new GPT-2 with the byte tokenizer)")
+    n_layer: int = opt(4, "scratch model: layers")
+    n_head: int = opt(4, "scratch model: attention heads")
+    n_embd: int = opt(128, "scratch model: width")
+    task: str = opt("synthetic", "synthetic | dolly | dolly:<path-or-url> | wiki:<path-or-url> | jsonl:<path-or-url>")
+    max_len: int = opt(64, "tokens per sequence, prompt + continuation (longer prompts are cut from the left)")
+    n_train: int = opt(0, "training examples to use (0: all; the synthetic task generates this many, default 20000)")
+    n_val: int = opt(128, "held-out examples for the held-out loss and the final evaluation")
+    # objective
+    objective: str = opt("mle", "mle | cpo | dpo | pss")
+    negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
+    ranked: bool = opt(False, "cpo: the ranked loss, eq. (2), ordering negatives by cosine similarity to the ground truth")
+    beta: float = opt(5.0, "cpo/dpo: inverse temperature of the implicit reward")
+    mle_weight: float = opt(0.0, "cpo: alpha in alpha * L_MLE + L_CPO")
+    an_cache: str = opt("", "cpo: folder of autoregressive negatives written by `python negatives.py`")
+    dpo_rejected: str = opt("", "dpo: jsonl of {id, rejected} written by `python evaluate.py dpo-negatives`")
+    pss_samples: int = opt(3, "pss: sampled sequences per example")
+    pss_p: float = opt(0.5, "pss: probability of replacing each continuation token by a sample")
+    pss_warmup_steps: int = opt(0, "pss: steps over which p rises linearly from 0")
+    # optimisation
+    steps: int = opt(200, "optimisation steps")
+    batch_size: int = opt(64, "global batch in examples = micro_batch_size x accumulation x world size")
+    micro_batch_size: int = opt(8, "examples per forward pass on one rank")
+    lr: float = opt(1e-5, "peak learning rate")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms)")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    schedule: str = opt("constant", "after warm-up: constant | cosine (down to 10% of lr)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    # system
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = opt("auto", "auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
+    compile: bool = opt(False, "torch.compile the model")
+    seed: int = opt(0, "seed of data order, negatives and initialisation")
+    # output
+    out_dir: str = opt("out/run", "checkpoints, logs and the final model go here")
+    log_interval: int = opt(10, "steps between log lines")
+    eval_interval: int = opt(100, "steps between held-out losses (0: only at the end)")
+    ckpt_interval: int = opt(100, "steps between checkpoints (0: only at the end)")
+    keep_last: int = opt(2, "checkpoints kept")
+    resume: bool = opt(False, "continue from the newest checkpoint in out_dir")
+
+
+# ----------------------------------------------------------------------------- config
+
+def load_preset(path):
+    """A preset is a Python file defining `config = dict(...)`, and optionally `stages` (see default.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # presets import their shared settings (config/paper.py)
+    try:
+        ns = runpy.run_path(path)
+    finally:
+        sys.path.pop(0)
+    config, stages = ns.get("config", {}), ns.get("stages", {})
+    for name, overrides in [("config", config), *stages.items()]:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+        if unknown:
+            raise SystemExit(f"{path}: {name}: unknown settings {sorted(unknown)}")
+    return config, stages
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_args(argv):
+    """`train.py [preset.py] [--key=value ...]`: the preset overrides the defaults, flags override both."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", nargs="?", default=None, help="a config/*.py preset (default: config/default.py)")
+    for f in dataclasses.fields(Config):
+        kind = {bool: parse_bool, int: int, float: float, str: str}[f.type if isinstance(f.type, type) else eval(f.type)]
+        p.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper() if kind is not parse_bool else "BOOL",
+                       nargs="?" if kind is parse_bool else None, const=True if kind is parse_bool else None,
+                       help=f"{f.metadata['help']} (default: {f.default})")
+    args = p.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    return args.preset, flags
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup(cfg):
+    """Returns (rank, world, device). torchrun sets RANK/WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def all_sum(x):
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- data order
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def global_batch(step, n, batch_size, seed):
+    """Example indices of step `step`'s global batch: a fresh seeded permutation every epoch.
+    A pure function of (step, seed), so resuming needs only the step and any world size sees the same data."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [int(epoch_order(n, seed, pos // n)[pos % n]) for pos in positions]
+
+
+def micro_batches(indices, rank, world, micro):
+    """This rank's micro-batches. Micro-batch j = rank * accum + m: the same slices as one process with
+    world x the accumulation, so 1 and N ranks train on identical micro-batches (and the same BN negatives)."""
+    accum = len(indices) // (world * micro)
+    return [indices[(rank * accum + m) * micro:(rank * accum + m + 1) * micro] for m in range(accum)]
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_model(cfg):
+    """The policy's starting weights and the tokenizer."""
+    if cfg.init_from != "scratch":
+        return load(cfg.init_from)
+    tok = byte_tokenizer()
+    config = ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_kv_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=4 * cfg.n_embd, max_seq_len=cfg.max_len,
+                         norm_eps=1e-5, tie_word_embeddings=True, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    torch.manual_seed(cfg.seed)
+    return Transformer(config), tok
+
+
+def frozen_copy(model):
+    """pi_ref: the starting weights, frozen. Never trained, never wrapped in DDP."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def unwrap(model):
+    return getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+
+
+def sequence_logps(model, ids, mask):
+    """log pi(y|x) of every sequence (N,): the sum over continuation tokens (the paper's reward uses the sum),
+    straight from the final hidden states, so the (N, T, V) logits never exist."""
+    hidden = model(ids[:, :-1], return_hidden=True)  # (N, T-1, C)
+    return cpo.sequence_logprobs_from_hidden(hidden, unwrap(model).lm_head.weight, ids[:, 1:], mask[:, 1:])
+
+
+def sequence_keys(ids, mask):
+    """A sequence's tokens up to its EOS, as bytes: the key of the reference cache."""
+    ends = (mask.cumsum(1).argmax(1) + 1).tolist()  # position after the last continuation token
+    return [ids[i, :e].numpy().tobytes() for i, e in enumerate(ends)]
+
+
+@torch.no_grad()
+def reference_logps(ref, ids, mask, cache, device, autocast):
+    """log pi_ref(y|x) (N,). With a cache, each distinct sequence is scored once for the whole run:
+    the negatives are a pure function of (seed, example), so the same sequences come back every epoch."""
+    if cache is None:
+        with autocast:
+            return sequence_logps(ref, ids.to(device), mask.to(device)).float()
+    keys = sequence_keys(ids, mask)
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    if missing:
+        with autocast:
+            scores = sequence_logps(ref, ids[missing].to(device), mask[missing].to(device)).float().tolist()
+        cache.update((keys[i], s) for i, s in zip(missing, scores))
+    return torch.tensor([cache[k] for k in keys], device=device)
+
+
+# ----------------------------------------------------------------------------- objectives
+# Each returns (the loss summed over this micro-batch's units, metrics); the loop divides by the
+# global batch's units (examples for cpo/dpo, continuation tokens for mle/pss), so the gradient is the
+# same for any split into ranks and micro-steps.
+
+def mle_objective(cfg, policy, ref, examples, ctx, micro_id):
+    """Next-token NLL of the continuation tokens."""
+    ids, mask = data.collate(examples, ctx["pad_id"])  # (B, T)
+    return -sequence_logps(policy, ids.to(ctx["device"]), mask.to(ctx["device"])).sum(), {}
+
+
+def score_sequences(policy, ref, ids, mask, ctx):
+    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors."""
+    B, K, T = ids.shape
+    ids, mask = ids.view(B * K, T), mask.view(B * K, T)
+    policy_logps = sequence_logps(policy, ids.to(ctx["device"]), mask.to(ctx["device"])).view(B, K)
+    ref_logps = reference_logps(ref, ids, mask, ctx["ref_cache"], ctx["device"], ctx["autocast"]).view(B, K)
+    return policy_logps, ref_logps
+
+
+def cpo_objective(cfg, policy, ref, examples, ctx, micro_id):
+    """Eq. (1), or eq. (2) with cfg.ranked: each ground truth against its K-1 synthetic negatives."""
+    ids, mask, valid = negatives.build_cpo_batch(
+        examples, cfg.negatives, ref, pad_id=ctx["pad_id"], eos_id=ctx["eos_id"], seed=cfg.seed,
+        an_cache=ctx["an_cache"], ranked=cfg.ranked)  # (B, K, T), (B, K, T), (B, K); column 0 the ground truth
+    policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, ctx)
+    loss, metrics = cpo.cpo_loss(policy_logps, ref_logps, beta=cfg.beta, ranked=cfg.ranked, valid=valid.to(ctx["device"]))
+    if cfg.mle_weight:  # the paper's mixed objective alpha * L_MLE + L_CPO, on the ground truth
+        loss = loss + cfg.mle_weight * -policy_logps[:, 0].sum() / mask[:, 0, 1:].sum().to(ctx["device"])
+    return loss * len(examples), metrics
+
+
+def dpo_objective(cfg, policy, ref, examples, ctx, micro_id):
+    """DPO's Bradley-Terry loss: the ground truth against one rejected response per prompt."""
+    rejected = [ctx["rejected"][e.id] for e in examples]
+    ids, mask = data.collate([e for pair in zip(examples, rejected) for e in pair], ctx["pad_id"])  # (2B, T)
+    policy_logps, ref_logps = score_sequences(policy, ref, ids.view(len(examples), 2, -1), mask.view(len(examples), 2, -1), ctx)
+    loss, metrics = cpo.dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
+    return loss * len(examples), metrics
+
+
+def pss_objective(cfg, policy, ref, examples, ctx, micro_id):
+    """Parallel scheduled sampling (Duckworth et al. 2019, "Parallel Scheduled Sampling"): a teacher-forced
+    pass samples a token at every position; each continuation input token is replaced by its sample with
+    probability p; a second pass on the mixed inputs is trained against the ground-truth targets."""
+    step, j = micro_id
+    device = ctx["device"]
+    ids, mask = data.collate(examples, ctx["pad_id"])
+    ids, mask = ids.repeat(cfg.pss_samples, 1).to(device), mask.repeat(cfg.pss_samples, 1).to(device)  # (S*B, T)
+    p = cfg.pss_p * min(1.0, (step + 1) / cfg.pss_warmup_steps) if cfg.pss_warmup_steps else cfg.pss_p
+    gen = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([cfg.seed, step, j]).generate_state(1)[0]))
+    with torch.no_grad():
+        logits = unwrap(policy)(ids[:, :-1]).float()  # (N, T-1, V): logits[:, t] predicts token t+1
+        samples = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=gen).view(ids.shape[0], -1)
+    replace = mask[:, 1:] & (torch.rand(samples.shape, generator=gen, device=device) < p)  # continuation positions only
+    mixed = torch.cat([ids[:, :1], torch.where(replace, samples, ids[:, 1:])], dim=1)
+    hidden = policy(mixed[:, :-1], return_hidden=True)  # (N, T-1, C), inputs from the mix...
+    logps = cpo.sequence_logprobs_from_hidden(hidden, unwrap(policy).lm_head.weight, ids[:, 1:], mask[:, 1:])  # ...targets the truth
+    return -logps.sum(), {}
+
+
+OBJECTIVES = {"mle": mle_objective, "cpo": cpo_objective, "dpo": dpo_objective, "pss": pss_objective}
+UNITS = {  # what the loss is averaged over in a global batch
+    "mle": lambda cfg, batch: sum(len(e.continuation_ids) for e in batch),
+    "pss": lambda cfg, batch: cfg.pss_samples * sum(len(e.continuation_ids) for e in batch),
+    "cpo": lambda cfg, batch: len(batch),
+    "dpo": lambda cfg, batch: len(batch),
+}
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def make_optimizer(model, cfg, device):
+    """AdamW as in the paper; no weight decay on biases and norm weights (the 1-d parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then constant or cosine down to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoints(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate()}
+
+
+def save_checkpoint(cfg, step, model, tok, optimizer, ref_cache, rank):
+    """Weights in HF format, optimizer, step (the data position), every rank's RNG and reference cache.
+    Written into ckpt-N.tmp and renamed only when complete, so a kill mid-write leaves the last one intact."""
+    final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(os.path.join(tmp, "model"), tok)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}, os.path.join(tmp, "trainer.pt"))
+    barrier()
+    torch.save({"rng": rng_state(), "ref_cache": ref_cache}, os.path.join(tmp, f"rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def restore_checkpoint(path, model, optimizer, rank):
+    """The inverse of save_checkpoint; returns (step, ref_cache)."""
+    weights, _ = load(os.path.join(path, "model"))
+    model.load_state_dict(weights.state_dict())
+    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(mine["rng"]["torch"])
+    if mine["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
+    random.setstate(mine["rng"]["python"])
+    return trainer["step"], mine["ref_cache"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def heldout_loss(model, examples, pad_id, device, autocast, batch_size=32):
+    """Mean next-token NLL of the held-out continuations."""
+    nll, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, mask = data.collate(examples[i:i + batch_size], pad_id)
+        with autocast:
+            nll -= sequence_logps(model, ids.to(device), mask.to(device)).sum().item()
+        tokens += int(mask[:, 1:].sum())
+    return nll / max(tokens, 1)
+
+
+def flops_per_token(model):
+    """Training FLOPs per token, 6N plus attention (PaLM appendix B), for MFU."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.max_seq_len
+
+
+def peak_flops(device):
+    """bf16 dense peak of the GPU, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)] if key in name), None)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg):
+    """One run: cfg.steps optimisation steps of cfg.objective from cfg.init_from. Returns the final model's folder."""
+    rank, world, device = setup(cfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    final_dir = os.path.join(cfg.out_dir, "final")
+    accum, rem = divmod(cfg.batch_size, cfg.micro_batch_size * world)
+    if rem or accum == 0:
+        raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size} x world size {world}")
+    if cfg.objective not in OBJECTIVES:
+        raise SystemExit(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
+
+    model, tok = build_model(cfg)
+    ref = frozen_copy(model) if cfg.objective in ("cpo", "dpo") else None
+    train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed)
+    val_set = data.load_task(cfg.task, "test", tok, cfg.max_len, n=cfg.n_val, seed=cfg.seed)[:cfg.n_val]
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    model.to(device)
+    if ref is not None:
+        ref.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    ctx = dict(device=device, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, ref_cache={},
+               an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
+               rejected=data.load_rejected(cfg.dpo_rejected, tok, cfg.max_len) if cfg.objective == "dpo" else None)
+
+    start = 0
+    if cfg.resume and checkpoints(cfg.out_dir):
+        path = checkpoints(cfg.out_dir)[-1]
+        start, ctx["ref_cache"] = restore_checkpoint(path, model, optimizer, rank)
+        log(f"resumed from {path} at step {start}")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    log(f"config: {json.dumps(asdict(cfg))}")
+    log(f"{cfg.objective} on {cfg.task}: {len(train_set)} training examples, {world} rank(s) x {accum} micro-steps x "
+        f"{cfg.micro_batch_size} = global batch {cfg.batch_size}, device {device}, {'bf16 autocast' if use_bf16 else 'float32'}")
+    if ref is not None:
+        log("reference log-probs: computed once per distinct sequence and cached (negatives are fixed per seed and example)")
+
+    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    if cfg.compile:
+        policy = torch.compile(policy)
+    fpt, peak = flops_per_token(model), peak_flops(device)
+    t_start, t_last, tokens_since = time.time(), time.time(), 0
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = global_batch(step, len(train_set), cfg.batch_size, cfg.seed)
+        units = UNITS[cfg.objective](cfg, [train_set[i] for i in indices])  # examples or tokens in the global batch
+        totals = torch.zeros(4, device=device)  # loss sum, accuracy sum, margin sum, tokens
+        for m, chunk in enumerate(micro_batches(indices, rank, world, cfg.micro_batch_size)):
+            examples = [train_set[i] for i in chunk]
+            # DDP: all-reduce gradients only after the last micro-step; must be decided before the forward
+            sync = m == accum - 1 or world == 1
+            with (policy.no_sync() if not sync else nullcontext()), autocast:
+                loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, ctx, step, rank * accum + m)
+            (loss_sum * world / units).backward()  # DDP averages over ranks; this makes it the global mean
+            totals += torch.stack([loss_sum.detach().float(), torch.as_tensor(metrics.get("reward_accuracy", 0.0), device=device) * len(examples),
+                                   torch.as_tensor(metrics.get("reward_margin", 0.0), device=device) * len(examples),
+                                   torch.tensor(float(sum(len(e.prompt_ids) + len(e.continuation_ids) for e in examples)), device=device)])
+        all_sum(totals)
+        loss = totals[0].item() / units
+        if not math.isfinite(loss):
+            last = checkpoints(cfg.out_dir)
+            raise SystemExit(f"step {step}: the loss is {loss}; stopping before the update. "
+                             f"Last good checkpoint: {last[-1] if last else 'none'} (resume with --resume)")
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_since += int(totals[3].item())
+
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            dt, t_last = time.time() - t_last, time.time()
+            tok_s = tokens_since / dt
+            tokens_since = 0
+            eta = (time.time() - t_start) / (done - start) * (cfg.steps - done)
+            extra = f" | acc {totals[1].item() / cfg.batch_size:.2f} margin {totals[2].item() / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
+            mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
+            log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+        if master and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
+            log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
+        if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
+            log(f"saved {save_checkpoint(cfg, done, model, tok, optimizer, ctx['ref_cache'], rank)}")
+
+    save_checkpoint(cfg, cfg.steps, model, tok, optimizer, ctx["ref_cache"], rank)
+    if master:
+        model.save_pretrained(final_dir, tok)
+        log(f"saved {final_dir}")
+    barrier()
+    return final_dir
+
+
+# ----------------------------------------------------------------------------- the embedded default
+
+def run_pipeline(preset_path, flags):
+    """`python train.py` with no arguments: the method in miniature. Stages run in order, each in
+    out_dir/<stage>; a stage may start from an earlier one (init_from="ref"). A finished stage (its
+    final/ folder exists) is skipped and an interrupted one resumes, so rerunning continues the pipeline.
+    Then every stage's model is scored on held-out prompts with greedy decoding."""
+    base, stages = load_preset(preset_path)
+    finals = {}
+    for name, overrides in stages.items():
+        cfg = Config(**{"resume": True, **base, **overrides, **flags})
+        cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name), init_from=finals.get(cfg.init_from, cfg.init_from))
+        final = os.path.join(cfg.out_dir, "final")
+        if os.path.isdir(final):
+            print(f"=== stage {name}: already trained, {final} (delete it to train again)")
+            finals[name] = final
+            continue
+        print(f"=== stage {name}: {cfg.objective} from {cfg.init_from}, {cfg.steps} steps, into {cfg.out_dir}")
+        finals[name] = train(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    cfg = Config(**{**base, **flags})
+    rows = []
+    for name, path in finals.items():
+        model, tok = load(path)
+        test_set = data.load_task(cfg.task, "test", tok, cfg.max_len, n=cfg.n_val, seed=cfg.seed)[:cfg.n_val]
+        rows.append((name, evaluate.task_scores(model.eval(), tok, test_set, cfg.task)))
+    print(f"\nheld-out {cfg.task} prompts: {len(test_set)}, greedy decoding")
+    keys = list(rows[0][1])
+    print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for name, scores in rows:
+        print(f"| {name} | " + " | ".join(f"{scores[k]:.3f}" for k in keys) + " |")
+
+
+def main(argv):
+    preset, flags = parse_args(argv)
+    path = preset or os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "default.py")
+    base, stages = load_preset(path)
+    if stages:
+        run_pipeline(path, flags)
+    else:
+        train(Config(**{**base, **flags}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
