@@ -1,0 +1,360 @@
+"""
+Data for nanoCPO: every task becomes a list of Examples, each a prompt and a continuation in tokens.
+
+    from data import load_task, collate, score_synthetic
+    train = load_task("synthetic", "train", tok, max_len=48)                # built-in task, from a seed
+    dolly = load_task("dolly", "test", tok, max_len=1024)                   # the paper's 7506 test rows
+    wiki  = load_task("wiki:wiki.jsonl", "all", tok, max_len=1024)          # 15% prefix -> 85% continuation
+    mine  = load_task("jsonl:https://host/pairs.jsonl", "train", tok, 512)  # {"prompt", "response"[, "id"]}
+    input_ids, cont_mask = collate(train[:64], pad_id=tok.pad_id)          # (N, T) Long, (N, T) bool
+
+The sequence convention shared by every file: prompt_ids starts with exactly one BOS iff
+tokenizer.bos_id is not None; continuation_ids ends with exactly one EOS. build_example() is the only
+place that adds them and the only place that truncates. Every loader prints one line of counts.
+"""
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import torch
+
+DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
+SPLIT_SALT = "nanocpo-split-v1"  # part of every train/test split: changing it reshuffles them all
+TRAIN_ROWS, ALL_ROWS = 7505, 15011  # the paper's Dolly split, kept as a proportion for any file
+
+
+@dataclass
+class Example:
+    id: str
+    prompt: str                 # the text as given; prompt_ids may have been cut from the left
+    response: str
+    prompt_ids: list[int]       # [BOS]? + prompt tokens
+    continuation_ids: list[int] # response tokens + [EOS]
+
+# ----------------------------------------------------------------------------- tokens: the one rule
+
+def text_ids(tokenizer, text):
+    """encode() without BOS/EOS: drop a BOS the tokenizer itself may prepend (sentencepiece-style) and
+    any EOS the text ends with ("...<|endoftext|>"), so that build_example adds exactly one of each."""
+    ids = list(tokenizer.encode(text))
+    if tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id]:
+        ids = ids[1:]
+    while ids and ids[-1] == tokenizer.eos_id:
+        ids.pop()
+    return ids
+
+
+def build_example(id, prompt, response, prompt_body, response_body, tokenizer, max_len, stats):
+    """Add BOS and EOS and fit the example into max_len tokens; None if it must be dropped.
+
+    1. Dropped: a response with zero tokens (an empty target, nothing to learn, nothing to truncate
+       for negatives), or no prompt token at all (the first continuation token needs a position to
+       be predicted from), or max_len < 3 (no room for one prompt token, one response token and EOS).
+    2. The continuation is kept whole. Only if it alone would leave no room for one prompt token
+       (len > max_len - 1) is it cut to its first max_len - 2 tokens followed by its EOS.
+    3. The prompt takes the room left and is cut from the LEFT, because the continuation depends
+       most on the prompt's end; BOS, when the family uses one, stays first.
+    `stats` (a Counter) counts prompts truncated, continuations truncated and examples dropped.
+    """
+    head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if not response_body or not (head or prompt_body) or max_len < 3:
+        stats["dropped"] += 1
+        return None
+    if len(response_body) + 1 > max_len - 1:
+        response_body = response_body[:max_len - 2]
+        stats["continuations truncated"] += 1
+    continuation = response_body + [tokenizer.eos_id]
+    room = max_len - len(continuation) - len(head)  # >= 0, and >= 1 when there is no BOS
+    if len(prompt_body) > room:
+        prompt_body = prompt_body[len(prompt_body) - room:]
+        stats["prompts truncated"] += 1
+    return Example(str(id), prompt, response, head + prompt_body, continuation)
+
+
+def encode_example(id, prompt, response, tokenizer, max_len, stats=None):
+    """Tokenize a (prompt, response) pair into an Example (or None: dropped); see build_example."""
+    stats = Counter() if stats is None else stats
+    return build_example(id, prompt, response, text_ids(tokenizer, prompt), text_ids(tokenizer, response),
+                         tokenizer, max_len, stats)
+
+
+def report(name, examples, stats):
+    """The one line every loader prints, e.g. 'dolly/train: 7505 examples, 12 prompts truncated, ...'."""
+    counts = ["prompts truncated", "continuations truncated", "dropped"]
+    counts += [k for k in stats if k not in counts]  # loader-specific ones (wiki: "too short", ...)
+    print(f"{name}: {len(examples)} examples, " + ", ".join(f"{stats[k]} {k}" for k in counts))
+
+# ----------------------------------------------------------------------------- sources and files
+
+def fetch(source, cache_dir=None):
+    """A local path as is; an http(s) URL downloaded once into cache_dir (default ~/.cache/nanocpo)."""
+    url = urlparse(source)
+    if url.scheme not in ("http", "https"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"no such data file: {source}")
+        return source
+    from model import download  # lazy: local files must not need model.py (streamed, resumable, atomic)
+    cache_dir = cache_dir or os.environ.get("NANOCPO_CACHE") or os.path.expanduser("~/.cache/nanocpo")
+    # the URL's hash keeps two files called data.jsonl apart; the basename keeps the extension (wiki reads it)
+    dest = os.path.join(cache_dir, hashlib.sha256(source.encode()).hexdigest()[:12] + "-" +
+                        (os.path.basename(url.path) or "data"))
+    if not os.path.isfile(dest):  # download() renames into place at the end: a file that exists is complete
+        os.makedirs(cache_dir, exist_ok=True)
+        download(source, dest)
+    return dest
+
+
+def read_jsonl(path, required, optional=()):
+    """The objects of a JSON-lines file (blank lines skipped), each field checked to be a string.
+    A malformed line is a ValueError naming it: "path:LINE: missing field 'response'"."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                if key not in row:
+                    raise ValueError(f"{where}: missing field {key!r}")
+            for key in (*required, *optional):
+                if key in row and not isinstance(row[key], str):
+                    raise ValueError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+            rows.append(row)
+    return rows
+
+
+def split_indices(keys, split):
+    """Which items (by index, in file order) belong to `split`: "train", "test" or "all".
+
+    Items are ordered by sha256(salt + content key) and the first floor(N * 7505 / 15011) are train:
+    exactly the paper's 7505 / 7506 for Dolly's 15011 rows, the same proportion for any other N.
+    Hashing the content (not Python's salted hash(), not random.shuffle) gives the same split on every
+    machine and Python version, and whatever the line order; identical rows tie and keep file order.
+    """
+    if split == "all":
+        return list(range(len(keys)))
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    rank = sorted(range(len(keys)), key=lambda i: (hashlib.sha256((SPLIT_SALT + keys[i]).encode()).digest(), i))
+    n_train = len(keys) * TRAIN_ROWS // ALL_ROWS
+    return sorted(rank[:n_train] if split == "train" else rank[n_train:])
+
+# ----------------------------------------------------------------------------- Dolly, Wikipedia, generic jsonl
+
+def dolly_prompt(instruction, context=""):
+    """The one Dolly prompt template (Alpaca-like); the Context section only when the row has context."""
+    if context.strip():
+        return f"### Instruction:\n{instruction.strip()}\n\n### Context:\n{context.strip()}\n\n### Response:\n"
+    return f"### Instruction:\n{instruction.strip()}\n\n### Response:\n"
+
+
+def load_dolly(source, tokenizer, split, max_len, cache_dir=None):
+    """databricks-dolly-15k rows {"instruction", "context", "response", "category"}; id "dolly-<row>"
+    (row = 0-based index among the file's rows, as on the hub). "context" may be absent; the response is
+    stripped of surrounding whitespace so that EOS follows its last word."""
+    path = fetch(source, cache_dir)
+    rows = read_jsonl(path, ("instruction", "response"), ("context", "category"))
+    keys = ["\x1f".join((r["instruction"], r.get("context", ""), r["response"])) for r in rows]
+    stats, examples = Counter(), []
+    for i in split_indices(keys, split):
+        r = rows[i]
+        ex = encode_example(f"dolly-{i}", dolly_prompt(r["instruction"], r.get("context", "")),
+                            r["response"].strip(), tokenizer, max_len, stats)
+        if ex:
+            examples.append(ex)
+    report(f"dolly/{split}", examples, stats)
+    return examples
+
+
+def read_documents(path):
+    """Documents of a .jsonl/.json file ({"text"} or {"title", "text"}; the title is not used) or,
+    for any other extension, of a plain text file with one document per non-blank line."""
+    if path.endswith((".jsonl", ".json")):
+        return [r["text"] for r in read_jsonl(path, ("text",), ("title",))]
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f if line.strip()]
+
+
+def load_wiki(source, tokenizer, max_len, prefix_fraction=0.15, split="all", cache_dir=None):
+    """Open-ended generation: prompt = the first 15% of a document's tokens (at least 1), continuation =
+    the rest + EOS. The split is made on token ids, then the prefix is decoded for the prompt text (so no
+    re-encoding can move the boundary). A document longer than max_len (less BOS and EOS) is first cut to
+    its start, so the 15/85 proportion holds in the window; one under 2 tokens is skipped as too short."""
+    path = fetch(source, cache_dir)
+    docs = read_documents(path)
+    window = max_len - 1 - (tokenizer.bos_id is not None)  # document tokens that fit beside BOS and EOS
+    stats, examples = Counter(), []
+    for i in split_indices(docs, split):
+        ids = text_ids(tokenizer, docs[i])
+        if len(ids) > window:
+            ids = ids[:window]
+            stats["documents cut to max_len"] += 1
+        n_prefix = max(1, int(len(ids) * prefix_fraction + 1e-9))  # 1e-9: 0.15 * 20 must be 3, not 2.99..
+        if len(ids) - n_prefix < 1:
+            stats["too short"] += 1
+            continue
+        prefix, rest = ids[:n_prefix], ids[n_prefix:]
+        ex = build_example(f"wiki-{i}", tokenizer.decode(prefix), tokenizer.decode(rest), prefix, rest,
+                           tokenizer, max_len, stats)
+        if ex:
+            examples.append(ex)
+    report(f"wiki/{split}", examples, stats)
+    return examples
+
+
+def load_jsonl(source, tokenizer, max_len, split="all", cache_dir=None):
+    """Generic pairs {"prompt", "response"[, "id"]}, used verbatim; id defaults to "<file>-<row>"."""
+    path = fetch(source, cache_dir)
+    rows = read_jsonl(path, ("prompt", "response"))
+    name = os.path.splitext(os.path.basename(urlparse(source).path if "://" in source else source))[0]
+    stats, examples = Counter(), []
+    for i in split_indices([r["prompt"] + "\x1f" + r["response"] for r in rows], split):
+        r = rows[i]
+        ex = encode_example(r.get("id", f"{name}-{i}"), r["prompt"], r["response"], tokenizer, max_len, stats)
+        if ex:
+            examples.append(ex)
+    report(f"{name}/{split}", examples, stats)
+    return examples
+
+def load_rejected(source, examples, tokenizer, max_len, cache_dir=None):
+    """DPO's rejected responses, jsonl {"id", "rejected"} as `python evaluate.py dpo-negatives` writes
+    it -> {id: Example}: the chosen example's prompt (same ids) with the rejected response after it,
+    cut to fit max_len, plus one EOS. Every example needs one; a missing one names the file and id."""
+    path = fetch(source, cache_dir)
+    rejected = {r["id"]: r["rejected"] for r in read_jsonl(path, ("id", "rejected"))}
+    out = {}
+    for e in examples:
+        if e.id not in rejected:
+            raise ValueError(f"{path}: no rejected response for example {e.id!r}")
+        body = text_ids(tokenizer, rejected[e.id])[:max_len - len(e.prompt_ids) - 1]
+        if not body:
+            raise ValueError(f"{path}: the rejected response for example {e.id!r} is empty (or no room after its prompt)")
+        out[e.id] = Example(e.id, e.prompt, rejected[e.id], e.prompt_ids, body + [tokenizer.eos_id])
+    return out
+
+# ----------------------------------------------------------------------------- the built-in synthetic task
+# A string transformation of a random lowercase word: "rev hello=" -> "olleh", "sort hello=" -> "ehllo",
+# "dup abc=" -> "aabbcc", "cons hello=" -> "hll" (consonants). Why this task: the answer (1..20 letters)
+# is checked exactly; its length depends on the operation and, for "cons", on the content, so the model
+# must learn *where* EOS goes; one early wrong letter derails the rest (exposure bias), which is what a
+# sequence-level loss targets; and it is learnable but not trivially: a 0.8M-parameter byte-level
+# transformer (4 layers, 128 wide) from scratch, batch 64, lr 2e-3, greedy on test words: exact match
+# 1% / 16% / 58% and correct stop 72% / 86% / 85% after 250 / 500 / 750 steps (~0.3 CPU-s a step).
+# At most 16 + 21 tokens, so CPU training is fast.
+SYNTHETIC_OPS = {
+    "rev": lambda s: s[::-1],
+    "sort": lambda s: "".join(sorted(s)),
+    "dup": lambda s: "".join(c + c for c in s),
+    "cons": lambda s: "".join(c for c in s if c not in "aeiou"),
+}
+SYNTHETIC_WORD_LEN = (3, 10)  # inclusive
+SYNTHETIC_MAX_NEW_TOKENS = 2 * SYNTHETIC_WORD_LEN[1] + 1  # the longest answer ("dup") and its EOS
+
+
+def is_test_word(word):
+    """1 word in 10, by content: test words are never seen in training, under any operation."""
+    return hashlib.sha256(word.encode()).digest()[0] < 26  # 26 / 256 ~ 10%
+
+
+def synthetic_pairs(n, seed=0, split="train"):
+    """n (prompt, response) pairs, a pure function of (n, seed, split); the first m of n are those of m.
+    Train and test are disjoint by construction (is_test_word), whatever their seeds and sizes."""
+    if split not in ("train", "test"):
+        raise ValueError(f"synthetic split must be 'train' or 'test', got {split!r}")
+    # a str seed is hashed with sha512 and random() is the one output Python promises never to change
+    rng = random.Random(f"nanocpo-synthetic/{split}/{seed}")
+    lo, hi = SYNTHETIC_WORD_LEN
+    ops, pairs = list(SYNTHETIC_OPS), []
+    while len(pairs) < n:
+        word = "".join(chr(97 + int(rng.random() * 26)) for _ in range(lo + int(rng.random() * (hi - lo + 1))))
+        op = ops[int(rng.random() * len(ops))]
+        answer = SYNTHETIC_OPS[op](word)
+        if answer and is_test_word(word) == (split == "test"):  # "cons" of "aeiou" would be empty
+            pairs.append((f"{op} {word}=", answer))
+    return pairs
+
+
+def synthetic_examples(n, seed, tokenizer, max_len, split="train"):
+    """synthetic_pairs as Examples, id "synthetic/<split>/<seed>/<i>" (stable: usable as a cache key)."""
+    stats, examples = Counter(), []
+    for i, (prompt, response) in enumerate(synthetic_pairs(n, seed, split)):
+        ex = encode_example(f"synthetic/{split}/{seed}/{i}", prompt, response, tokenizer, max_len, stats)
+        if ex:
+            examples.append(ex)
+    report(f"synthetic/{split}", examples, stats)
+    return examples
+
+
+def cut_at_eos(ids, eos_id):
+    """Generated ids up to and including the first EOS; all of them if it never stopped."""
+    ids = list(ids)
+    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+def exact_match(gen, ref, eos_id=None):
+    """Right answer AND stopped right there. Token ids: gen as generated (cut at its first EOS when
+    eos_id is given; padding after it ignored), ref = Example.continuation_ids. Or two plain strings."""
+    return (cut_at_eos(gen, eos_id) if eos_id is not None else list(gen)) == list(ref)
+
+
+def correct_stop(gen, ref, eos_id):
+    """The first EOS generated sits where the reference's EOS does: right length, whatever the letters."""
+    gen, ref = list(gen), list(ref)
+    return eos_id in gen and gen.index(eos_id) == ref.index(eos_id)
+
+
+def score_synthetic(gen_ids, ref_ids, eos_id):
+    """Means over a batch. gen_ids: (B, max_new_tokens) Long from model.generate, or lists; ref_ids: the
+    examples' continuation_ids. token_accuracy: share of reference positions (EOS included) generated right."""
+    gens = gen_ids.tolist() if torch.is_tensor(gen_ids) else [list(g) for g in gen_ids]
+    refs = [list(r) for r in ref_ids]
+    hits = [sum(a == b for a, b in zip(cut_at_eos(g, eos_id), r)) / len(r) for g, r in zip(gens, refs)]
+    return {
+        "exact_match": sum(exact_match(g, r, eos_id) for g, r in zip(gens, refs)) / len(refs),
+        "correct_stop": sum(correct_stop(g, r, eos_id) for g, r in zip(gens, refs)) / len(refs),
+        "stopped": sum(eos_id in g for g in gens) / len(gens),
+        "token_accuracy": sum(hits) / len(hits),
+    }
+
+# ----------------------------------------------------------------------------- one entry point, one batch
+
+def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None):
+    """name: "synthetic" | "dolly" | "dolly:<path-or-url>" | "wiki:<path-or-url>" | "jsonl:<path-or-url>".
+    split: "train" | "test" ("all" too for files). n: the first n examples of the split (synthetic
+    default: 20000 train, 500 test); seed: the synthetic task's."""
+    kind, _, source = name.partition(":")
+    if kind == "synthetic":
+        n_default = 20000 if split == "train" else 500
+        return synthetic_examples(n if n is not None else n_default, seed, tokenizer, max_len, split)
+    if kind == "dolly":
+        examples = load_dolly(source or DOLLY_URL, tokenizer, split, max_len, cache_dir)
+    elif kind in ("wiki", "jsonl") and source:
+        load = load_wiki if kind == "wiki" else load_jsonl
+        examples = load(source, tokenizer, max_len, split=split, cache_dir=cache_dir)
+    else:
+        raise ValueError(f"unknown task {name!r}: use synthetic, dolly[:src], wiki:<src> or jsonl:<src>")
+    return examples[:n] if n is not None else examples
+
+
+def collate(examples, pad_id):
+    """Right-padded batch of prompt + continuation: input_ids (N, T) Long and cont_mask (N, T) bool, True
+    exactly on continuation positions, final EOS included. The mask is by position, never by token id:
+    with pad_id == eos_id the padding looks like EOS but is masked out, and the real EOS is not."""
+    T = max(len(e.prompt_ids) + len(e.continuation_ids) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (N, T)
+    cont_mask = torch.zeros((len(examples), T), dtype=torch.bool)         # (N, T)
+    for i, e in enumerate(examples):
+        p, c = len(e.prompt_ids), len(e.continuation_ids)
+        input_ids[i, :p + c] = torch.tensor(e.prompt_ids + e.continuation_ids, dtype=torch.long)
+        cont_mask[i, p:p + c] = True
+    return input_ids, cont_mask
