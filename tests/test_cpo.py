@@ -1,0 +1,321 @@
+"""cpo.py against plain-loop float64 references, TRL's DPO formula, autograd's gradcheck and the naive
+log_softmax + gather. Tiny shapes: the whole file runs in seconds."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpo
+
+torch.manual_seed(0)
+
+
+def rand_logps(B, K, dtype=torch.float64, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(B, K, generator=g, dtype=dtype) - 20,
+            scale * torch.randn(B, K, generator=g, dtype=dtype) - 20)
+
+
+def loop_cpo(pol, ref, beta, ranked, valid):
+    """Eq. (1) / eq. (2) written out with plain Python loops over K, in float64."""
+    total = 0.0
+    for b in range(pol.shape[0]):
+        r = [beta * (float(pol[b, j]) - float(ref[b, j])) for j in range(pol.shape[1]) if valid[b, j]]
+        if ranked:  # sum_k r_k - log sum_{j >= k} exp r_j
+            total += sum(r[k] - math.log(sum(math.exp(x) for x in r[k:])) for k in range(len(r)))
+        else:  # r_1 - log sum_j exp r_j
+            total += r[0] - math.log(sum(math.exp(x) for x in r))
+    return -total / pol.shape[0]
+
+
+def random_valid(B, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(B, K, generator=g) > 0.3
+    valid[:, 0] = True
+    valid[torch.arange(B), 1 + torch.randint(K - 1, (B,), generator=g)] = True  # >= 1 negative per row
+    return valid
+
+# ----------------------------------------------------------------------------- eq. (1), (2), DPO
+
+@pytest.mark.parametrize("K", [2, 4, 12])
+@pytest.mark.parametrize("ranked", [False, True])
+@pytest.mark.parametrize("partial", [False, True])
+def test_cpo_matches_plain_loops(K, ranked, partial):
+    pol, ref = rand_logps(8, K, seed=K)
+    valid = random_valid(8, K, seed=K) if partial else torch.ones(8, K, dtype=torch.bool)
+    for beta in (0.5, 5.0):
+        loss, _ = cpo.cpo_loss(pol, ref, beta=beta, ranked=ranked, valid=valid if partial else None)
+        assert abs(loss.item() - loop_cpo(pol, ref, beta, ranked, valid)) <= 1e-6
+
+
+def test_k2_eq1_eq2_and_dpo_agree_values_and_grads():
+    pol, ref = rand_logps(16, 2)
+    results = []
+    for fn in ("eq1", "eq2", "dpo"):
+        p = pol.clone().requires_grad_()
+        if fn == "dpo":
+            loss, _ = cpo.dpo_loss(p[:, 0], p[:, 1], ref[:, 0], ref[:, 1], beta=5.0)
+        else:
+            loss, _ = cpo.cpo_loss(p, ref, beta=5.0, ranked=fn == "eq2")
+        loss.backward()
+        results.append((loss.detach(), p.grad))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad, results[0][1], rtol=0, atol=1e-12)
+
+
+def test_dpo_matches_trl_sigmoid_loss():
+    # TRL DPOTrainer, loss_type="sigmoid", label_smoothing=0, written out by hand:
+    #   logits = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+    #   losses = -logsigmoid(beta * logits) * (1 - ls) - logsigmoid(-beta * logits) * ls;  loss = losses.mean()
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(10, generator=g, dtype=torch.float64) * 4 for _ in range(4)]
+    beta, ls = 0.1, 0.0
+    a = [t.clone().requires_grad_() for t in x]
+    b = [t.clone().requires_grad_() for t in x]
+    ours, metrics = cpo.dpo_loss(*a, beta=beta)
+    logits = (b[0] - b[1]) - (b[2] - b[3])
+    trl = (-F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls).mean()
+    ours.backward(), trl.backward()
+    torch.testing.assert_close(ours, trl, rtol=0, atol=1e-12)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u.grad, v.grad, rtol=0, atol=1e-12)
+    chosen, rejected = beta * (x[0] - x[2]), beta * (x[1] - x[3])  # TRL's chosen/rejected rewards
+    torch.testing.assert_close(metrics["reward_chosen"], chosen.mean())
+    torch.testing.assert_close(metrics["reward_margin"], (chosen - rejected).mean())
+    torch.testing.assert_close(metrics["reward_accuracy"], (chosen > rejected).float().mean())
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_gradcheck_cpo_loss(ranked):
+    pol, ref = rand_logps(3, 5, scale=0.3)
+    valid = random_valid(3, 5, seed=3)
+    f = lambda p, r: cpo.cpo_loss(p, r, beta=2.0, ranked=ranked, valid=valid)[0]
+    assert torch.autograd.gradcheck(f, (pol.requires_grad_(), ref.requires_grad_()))
+
+
+def test_metrics():
+    pol = torch.tensor([[0.0, -1.0, -2.0, 9.0], [0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    ref = torch.zeros_like(pol)
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    _, m = cpo.cpo_loss(pol, ref, beta=1.0, valid=valid)
+    assert m["reward_accuracy"].item() == 0.5  # row 0 wins (its 9.0 is not valid), row 1 loses
+    assert m["reward_chosen"].item() == 0.0
+    assert m["reward_rejected"].item() == pytest.approx((-1.5 + 1 / 3) / 2)
+    assert m["reward_margin"].item() == pytest.approx((1.5 - 1 / 3) / 2)
+    assert all(not v.requires_grad for v in m.values())
+
+# ----------------------------------------------------------------------------- invariances, stability
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_per_example_constant_leaves_loss_unchanged(ranked):
+    pol, ref = rand_logps(6, 4)
+    shift = 100 * torch.randn(6, 1, dtype=torch.float64)
+    a, _ = cpo.cpo_loss(pol, ref, ranked=ranked)
+    b, _ = cpo.cpo_loss(pol + shift, ref, ranked=ranked)
+    assert abs(a.item() - b.item()) <= 1e-9
+
+
+def test_permuting_negatives_leaves_eq1_unchanged():
+    pol, ref = rand_logps(6, 12)
+    valid = random_valid(6, 12)
+    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(11)])
+    a, _ = cpo.cpo_loss(pol, ref, valid=valid)
+    b, _ = cpo.cpo_loss(pol[:, perm], ref[:, perm], valid=valid[:, perm])
+    assert abs(a.item() - b.item()) <= 1e-12
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_invalid_columns_have_no_effect_and_zero_grad(ranked):
+    pol, ref = rand_logps(5, 6)
+    valid = random_valid(5, 6, seed=7)
+    assert not valid.all()
+    garbage = pol.masked_fill(~valid, 1e6), pol.masked_fill(~valid, float("nan"))
+    p0 = pol.clone().requires_grad_()
+    base, _ = cpo.cpo_loss(p0, ref, ranked=ranked, valid=valid)
+    base.backward()
+    assert (p0.grad[~valid] == 0).all() and (p0.grad[valid] != 0).any()
+    for g in garbage:
+        loss, _ = cpo.cpo_loss(g, ref.masked_fill(~valid, -3e5), ranked=ranked, valid=valid)
+        assert loss.item() == base.item()
+    # and dropping the invalid columns entirely (here: rows with the same count) gives the same loss
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[:, 2] = False
+    a, _ = cpo.cpo_loss(pol[:2], ref[:2], ranked=ranked, valid=keep)
+    b, _ = cpo.cpo_loss(pol[:2, keep[0]], ref[:2, keep[0]], ranked=ranked)
+    assert abs(a.item() - b.item()) <= 1e-12
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_stable_for_huge_logps_and_bf16(ranked):
+    g = torch.Generator().manual_seed(2)
+    pol = (-1e4 * torch.rand(4, 12, generator=g)).requires_grad_()  # float32, |log p| up to 1e4
+    ref = -1e4 * torch.rand(4, 12, generator=g)
+    loss, m = cpo.cpo_loss(pol, ref, beta=5.0, ranked=ranked)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pol.grad).all() and loss.item() > 1000
+    assert all(torch.isfinite(v) for v in m.values())
+    pb = pol.detach().bfloat16().requires_grad_()
+    lb, _ = cpo.cpo_loss(pb, ref.bfloat16(), beta=5.0, ranked=ranked)
+    lf, _ = cpo.cpo_loss(pb.detach().float(), ref.bfloat16().float(), beta=5.0, ranked=ranked)
+    assert lb.dtype == torch.float32 and lb.item() == lf.item()  # the bf16 values, computed in float32
+    lb.backward()
+    assert pb.grad.dtype == torch.bfloat16 and torch.isfinite(pb.grad.float()).all()
+
+# ----------------------------------------------------------------------------- sequence log-probs
+
+EOS, V = 7, 23
+
+
+def eos_padded_batch(seed=0):
+    """input_ids (N, T) = prompt + continuation ending in EOS, right-padded with pad = EOS, and cont_mask
+    by position: the last scored token of every row is the EOS, followed by more EOS-valued pads."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [(3, 5), (2, 9), (4, 1), (1, 12)]  # (prompt, continuation incl. EOS)
+    T = max(p + c for p, c in lengths) + 2
+    ids = torch.full((len(lengths), T), EOS)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for n, (p, c) in enumerate(lengths):
+        ids[n, :p + c - 1] = torch.randint(8, V, (p + c - 1,), generator=g)  # no EOS inside
+        ids[n, p + c - 1] = EOS
+        mask[n, p:p + c] = True
+    return ids, mask
+
+
+def naive_logprobs(logits, labels, mask):
+    lp = logits.float().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 128])
+def test_logprob_paths_match_naive_including_eos_equal_to_pad(chunk_size):
+    ids, cont_mask = eos_padded_batch()
+    labels, mask = ids[:, 1:], cont_mask[:, 1:]
+    N, T = labels.shape
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(N, T, 16, generator=g), torch.randn(V, 16, generator=g)
+    logits = hidden @ weight.T
+    want = naive_logprobs(logits, labels, mask)
+    for got in (cpo.sequence_logprobs(logits, labels, mask, chunk_size=chunk_size),
+                cpo.sequence_logprobs_from_hidden(hidden, weight, labels, mask, chunk_size=chunk_size)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # the final EOS is scored even though it equals the pad id: masking by id would drop it
+    last = torch.zeros_like(mask)
+    last[torch.arange(N), mask.long().cumsum(1).argmax(1)] = True
+    assert (labels[last] == EOS).all()
+    assert (naive_logprobs(logits, labels, mask & ~last) - want).abs().min() > 1e-3
+
+
+def test_logprobs_noncontiguous_bf16_and_ignored_labels():
+    ids, cont_mask = eos_padded_batch(seed=2)
+    full = torch.randn(ids.shape[0], ids.shape[1], V, dtype=torch.bfloat16)
+    logits, labels, mask = full[:, :-1], ids[:, 1:], cont_mask[:, 1:]  # a strided view, as a model slice
+    want = naive_logprobs(logits, labels, mask)
+    full.requires_grad_()
+    got = cpo.sequence_logprobs(full[:, :-1], labels.masked_fill(~mask, -100), mask, chunk_size=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.sum(), full)
+    (want_grad,) = torch.autograd.grad(naive_logprobs(full[:, :-1], labels, mask).sum(), full)
+    assert grad.dtype == torch.bfloat16 and torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logits_path_gradient_matches_naive(inplace):
+    ids, cont_mask = eos_padded_batch(seed=3)
+    labels, mask = ids[:, 1:], cont_mask[:, 1:]
+    N, T = labels.shape
+    lm_head = torch.nn.Linear(16, V, bias=False)
+    hidden = torch.randn(N, T, 16, requires_grad=True)
+    w = torch.randn(N)
+    (naive_logprobs(lm_head(hidden), labels, mask) * w).sum().backward()
+    want = hidden.grad.clone(), lm_head.weight.grad.clone()
+    hidden.grad = lm_head.weight.grad = None
+    logits = lm_head(hidden)  # a model output, as in training
+    (cpo.sequence_logprobs(logits, labels, mask, chunk_size=3, inplace_backward=inplace) * w).sum().backward()
+    torch.testing.assert_close(hidden.grad, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lm_head.weight.grad, want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_logprob_paths():
+    ids, cont_mask = eos_padded_batch(seed=4)
+    labels, mask = ids[:2, 1:6], cont_mask[:2, 1:6]  # keep the Jacobian small
+    N, T = labels.shape
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(N, T, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(N, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    f = lambda h, w: cpo.sequence_logprobs_from_hidden(h, w, labels, mask, chunk_size=3)
+    assert torch.autograd.gradcheck(f, (hidden, weight))
+    assert torch.autograd.gradcheck(lambda x: cpo.sequence_logprobs(x, labels, mask, chunk_size=2), (logits,),
+                                    fast_mode=True)  # a random projection of the (2, 230) Jacobian
+
+
+def test_mle_loss_and_mixed_objective():
+    ids, cont_mask = eos_padded_batch(seed=6)
+    labels, mask = ids[:, 1:], cont_mask[:, 1:]
+    logits = torch.randn(*labels.shape, V, dtype=torch.float64)
+    nll = -logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(cpo.mle_loss(logits, labels, mask, chunk_size=4), nll[mask].mean())
+    # rows as (B=2, K=2): alpha * L_MLE (ground truths only) + L_CPO, from the same log-probs
+    logps = cpo.sequence_logprobs(logits, labels, mask).view(2, 2)
+    ref = logps.detach() + torch.randn(2, 2, dtype=torch.float64)
+    gt_tokens = mask.view(2, 2, -1)[:, 0].sum(-1)
+    mixed, m = cpo.cpo_loss(logps, ref, mle_weight=0.3, gt_tokens=gt_tokens)
+    gt = mask.view(2, 2, -1)[:, 0]
+    mle = cpo.mle_loss(logits.view(2, 2, *logits.shape[1:])[:, 0], labels.view(2, 2, -1)[:, 0], gt)
+    torch.testing.assert_close(mixed, cpo.cpo_loss(logps, ref)[0] + 0.3 * mle)
+    torch.testing.assert_close(m["mle_loss"], mle)
+
+
+def test_hidden_path_under_autocast_matches_logits_path():
+    # train.py runs the model under bf16 autocast: the backward (outside autocast) must redo the
+    # forward's bf16 matmul, not mix bf16 hidden states with the float32 weight
+    ids, cont_mask = eos_padded_batch(seed=8)
+    labels, mask = ids[:, 1:], cont_mask[:, 1:]
+    lm_head = torch.nn.Linear(16, V, bias=False)
+    hidden = torch.randn(*labels.shape, 16).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cpo.sequence_logprobs_from_hidden(hidden, lm_head.weight, labels, mask, chunk_size=3)
+        want = cpo.sequence_logprobs(lm_head(hidden), labels, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    gh, gw = torch.autograd.grad(got.sum(), (hidden, lm_head.weight))
+    wh, ww = torch.autograd.grad(want.sum(), (hidden, lm_head.weight))
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    torch.testing.assert_close(gh, wh)
+    torch.testing.assert_close(gw, ww, rtol=0.02, atol=0.02)  # autograd's dW sums in bf16, ours in float32
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_raises_value_error():
+    pol, ref = rand_logps(3, 4)
+    bad = [
+        (lambda: cpo.cpo_loss(pol, ref[:, :3]), "policy_logps and ref_logps"),
+        (lambda: cpo.cpo_loss(pol[:, 0], ref[:, 0]), "policy_logps and ref_logps"),
+        (lambda: cpo.cpo_loss(pol[:, :1], ref[:, :1]), "K >= 2"),
+        (lambda: cpo.cpo_loss(pol, ref, valid=torch.ones(3, 3, dtype=torch.bool)), "valid must be"),
+        (lambda: cpo.cpo_loss(pol, ref, valid=torch.tensor([[1, 0, 0, 0]] * 3, dtype=torch.bool)),
+         "at least one valid negative"),
+        (lambda: cpo.cpo_loss(pol, ref, valid=torch.tensor([[0, 1, 1, 1]] * 3, dtype=torch.bool)), "valid\\[:, 0\\]"),
+        (lambda: cpo.cpo_loss(pol.index_fill(1, torch.tensor([2]), float("nan")), ref), "NaN or inf"),
+        (lambda: cpo.cpo_loss(pol, ref.index_fill(1, torch.tensor([0]), float("inf"))), "NaN or inf"),
+        (lambda: cpo.cpo_loss(pol, ref, mle_weight=0.5), "gt_tokens"),
+        (lambda: cpo.dpo_loss(pol[:, 0], pol[:2, 1], ref[:, 0], ref[:, 1], 0.1), "four \\(B,\\)"),
+        (lambda: cpo.dpo_loss(pol[:, 0] * float("nan"), pol[:, 1], ref[:, 0], ref[:, 1], 0.1), "NaN or inf"),
+        (lambda: cpo.sequence_logprobs(torch.randn(2, 5, V), torch.zeros(2, 4, dtype=torch.long),
+                                       torch.ones(2, 4, dtype=torch.bool)), "logits must be"),
+        (lambda: cpo.sequence_logprobs(torch.randn(2, 5, V), torch.zeros(2, 5, dtype=torch.long),
+                                       torch.ones(2, 5)), "mask bool"),
+        (lambda: cpo.sequence_logprobs(torch.randn(2, 5, V), torch.full((2, 5), V),
+                                       torch.ones(2, 5, dtype=torch.bool)), "must lie in"),
+        (lambda: cpo.sequence_logprobs_from_hidden(torch.randn(2, 5, 4), torch.randn(V, 3),
+                                                   torch.zeros(2, 5, dtype=torch.long),
+                                                   torch.ones(2, 5, dtype=torch.bool)), "disagree"),
+        (lambda: cpo.mle_loss(torch.randn(2, 5, V), torch.zeros(2, 5, dtype=torch.long),
+                              torch.zeros(2, 5, dtype=torch.bool)), "no tokens"),
+    ]
+    for fn, message in bad:
+        with pytest.raises(ValueError, match=message):
+            fn()
