@@ -26,13 +26,187 @@ def timeit(fn, warmup=1, repeat=3):
 
 
 # ----------------------------------------------------------------------------- model
-# (bench_model goes here)
+def bench_model():
+    """GPT-2-small-shaped random model, CPU float32: ours vs transformers on the same weights, same process.
+    forward+backward (8 x 256 tokens, cross-entropy) and greedy decoding (64 new tokens) at batch 1 and 8;
+    batch-1 decoding against the weights-read bound (parameter bytes / measured memory bandwidth)."""
+    import os
+    import torch.nn.functional as F
+    import transformers
+    from model import ModelConfig, Transformer, from_hf_state_dict
+    # no dropout in either model; no EOS, so both decode all 64 tokens
+    hf_cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=None, eos_token_id=None)
+    hf = transformers.GPT2LMHeadModel(hf_cfg)
+    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    ours = Transformer(cfg)
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
+    V, n_new = cfg.vocab_size, 64
+    print(f"model bench: GPT-2-small shape, random weights, CPU float32, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.1f} (other processes' load skews these timings)")
+    print(f"{'':34s} {'ours':>10s} {'transformers':>13s} {'ratio':>7s}  target")
+
+    def race(ours_fn, hf_fn, repeat):
+        """Best times of ours_fn and hf_fn, run alternately after one warmup each, so a change in the
+        machine's load hits both alike."""
+        ours_fn()
+        hf_fn()
+        best = [float("inf")] * 2
+        for _ in range(repeat):
+            for j, fn in enumerate((ours_fn, hf_fn)):
+                t0 = time.perf_counter()
+                fn()
+                best[j] = min(best[j], time.perf_counter() - t0)
+        return best
+
+    x = torch.randint(V, (8, 257))
+
+    def fwd_bwd(model, logits_of):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(logits_of(x[:, :-1]).reshape(-1, V), x[:, 1:].reshape(-1))
+        loss.backward()
+    t_ours, t_hf = race(lambda: fwd_bwd(ours, ours), lambda: fwd_bwd(hf, lambda i: hf(i).logits), repeat=2)
+    print(f"{'fwd+bwd 8x256, s (ours/HF time)':34s} {t_ours:10.2f} {t_hf:13.2f} {t_ours / t_hf:7.2f}  <= 0.9", flush=True)
+    ours.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+
+    hf.eval()
+    per_token = {}
+    for B in (1, 8):
+        p = torch.randint(V, (B, 16))
+        t_ours, t_hf = race(lambda: ours.generate(p, n_new, temperature=0),
+                            lambda: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n_new,
+                                                do_sample=False, pad_token_id=0), repeat=3)
+        per_token[B] = t_ours / n_new
+        r = t_hf / t_ours
+        print(f"{f'greedy B={B}, new tok/s (ours/HF)':34s} {B * n_new / t_ours:10.1f} {B * n_new / t_hf:13.1f} "
+              f"{r:7.2f}  >= {3 if B == 1 else 2}", flush=True)
+
+    # the bound: every weight is read once per step at the best bandwidth we can measure (read-only sum
+    # or copy, whichever is faster)
+    big = torch.randn(64 * 2**20)
+    dst = torch.empty_like(big)
+    n_bytes = big.numel() * 4
+    bw = max(n_bytes / timeit(big.sum, repeat=5), 2 * n_bytes / timeit(lambda: dst.copy_(big), repeat=5))
+    param_bytes = sum(q.numel() * q.element_size() for q in ours.parameters())
+    bound = param_bytes / bw
+    print(f"weights-read bound: {param_bytes / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s = {bound * 1e3:.1f} ms/token; "
+          f"ours at B=1: {per_token[1] * 1e3:.1f} ms/token = {per_token[1] / bound:.2f}x the bound (target <= 1.5)")
 
 # ----------------------------------------------------------------------------- loss
-# (bench_loss goes here)
+def _loss_worker(path, N=12, T=512, V=50257, C=768):
+    """Run one log-prob path (forward + backward of the summed log-probs) in THIS process and print
+    'peak_MB inputs_MB seconds'. bench_loss starts a fresh interpreter per path, so no path sees
+    another's memory."""
+    import cpo
+    torch.manual_seed(0)
+    labels, mask = torch.randint(V, (N, T)), torch.ones(N, T, dtype=torch.bool)  # every position scored
+    paths = {
+        "naive": lambda x: (x.float().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1) * mask).sum(-1),
+        "chunked": lambda x: cpo.sequence_logprobs(x, labels, mask),
+        "inplace": lambda x: cpo.sequence_logprobs(x, labels, mask, inplace_backward=True),
+        "hidden": lambda h, w: cpo.sequence_logprobs_from_hidden(h, w, labels, mask),
+    }
+
+    def rss_mb(field):  # "VmRSS" (now) or "VmHWM" (high-water mark since the last reset), Linux /proc
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
+
+    # Memory: tracemalloc can't see torch's allocations and ru_maxrss is inherited across fork/exec,
+    # so we reset this process's RSS high-water mark (clear_refs 5) and read VmHWM - VmRSS: real
+    # resident bytes, everything the path allocates, torch's temporaries included. The inputs are made
+    # inside the measured window in every path (the (N, T, V) logits are the model's output, so they
+    # count, as do hidden + W for the hidden path), and so are their gradients.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss_mb("VmRSS")
+    if path == "hidden":
+        inputs = torch.randn(N, T, C).requires_grad_(), torch.randn(V, C).mul_(0.02).requires_grad_()
+    else:
+        inputs = (torch.randn(N, T, V).requires_grad_(),)
+
+    def step():  # autograd.grad hands the gradients back as they are (no .grad accumulation copies)
+        return torch.autograd.grad(paths[path](*inputs).sum(), inputs)
+    t0 = time.perf_counter()
+    grads = step()
+    secs = time.perf_counter() - t0
+    peak = rss_mb("VmHWM") - base
+    del grads
+    inputs_mb = sum(x.numel() * x.element_size() for x in inputs) / 2**20
+    if path != "hidden":  # its four (6144 x 768 x 50257) matmuls take a minute on CPU: timed once
+        secs = timeit(step, warmup=0, repeat=2)  # the call above was the warmup
+    print(f"{peak:.1f} {inputs_mb:.1f} {secs:.3f}")
+
+
+def bench_loss():
+    """Peak memory and time of forward+backward of the three log-prob paths vs naive log_softmax+gather."""
+    import os
+    import subprocess
+    rows = [("naive", "naive log_softmax + gather"), ("chunked", "chunked logits (cpo.sequence_logprobs)"),
+            ("inplace", "chunked logits, inplace_backward=True"), ("hidden", "hidden states, C=768 (from_hidden)")]
+    here = os.path.dirname(os.path.abspath(__file__))
+    print("log-prob paths, forward+backward of sum(log p): N=12 x T=512 x V=50257, float32, CPU, every position")
+    print("scored. Each path runs in a fresh process. peak = growth of resident memory, counting the inputs")
+    print("(the logits are the model's output: they exist in both logits paths) and the returned gradients;")
+    print("'above inputs' subtracts the inputs. The hidden path's time includes the lm_head matmuls.")
+    print(f"{'path':40s} {'peak MB':>8s} {'vs naive':>8s} {'above inputs MB':>16s} {'vs naive':>8s} "
+          f"{'time s':>7s} {'vs naive':>8s}")
+    naive = None
+    for key, name in rows:
+        cmd = [sys.executable, "-c", f"import bench; bench._loss_worker({key!r})"]
+        out = subprocess.run(cmd, cwd=here, capture_output=True, text=True, check=True).stdout
+        mb, inputs_mb, secs = map(float, out.split()[-3:])
+        naive = naive or (mb, mb - inputs_mb, secs)
+        print(f"{name:40s} {mb:8.0f} {mb / naive[0]:8.1%} {mb - inputs_mb:16.0f} {(mb - inputs_mb) / naive[1]:8.1%} "
+              f"{secs:7.2f} {secs / naive[2]:7.2f}x", flush=True)
+    print("targets: chunked logits <= 25% of naive peak at <= 1.2x its time; hidden states <= 10% of naive peak")
+
 
 # ----------------------------------------------------------------------------- negatives
-# (bench_negatives goes here)
+def bench_negatives(B=32, new_tokens=64, top_k=50):
+    """AN throughput (new tokens/s): negatives.autoregressive_negatives (our KV-cache generate) vs
+    transformers' generate(do_sample=True, top_k=50), same random weights, same left-padded prompts.
+    The model has the shape of config/default.py's CPU model (GPT-2, 4 x 128, byte vocabulary), with
+    room for 24 + 64 positions. One thread: a batch-32 decoding step of this size is too small to split
+    (with two threads on a busy 2-core machine, both sides slow down ~10x and the ratio is noise)."""
+    import tempfile
+    import transformers
+    import model as M
+    import negatives
+    cfg = M.ModelConfig(vocab_size=257, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, n_inner=512,
+                        max_seq_len=128, bos_id=None, eos_id=256)
+    ours = M.Transformer(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (int(torch.randint(8, 25, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(B)]  # 8..24 tokens: left padding matters
+    idx, mask = negatives.left_pad(prompts, cfg.eos_id)
+
+    def run_ours():
+        negatives.autoregressive_negatives(ours, prompts, 1, top_k=top_k, max_new_tokens=new_tokens,
+                                           eos_id=cfg.eos_id, generator=torch.Generator().manual_seed(1))
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(idx, attention_mask=mask, do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0,
+                              max_new_tokens=new_tokens, eos_token_id=cfg.eos_id, pad_token_id=cfg.eos_id)
+        assert out.shape[1] == idx.shape[1] + new_tokens  # all steps ran (a whole batch stopping is ~impossible)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # alternate the two so a change in machine load hits both alike
+        t_ours = t_hf = float("inf")
+        for _ in range(3):
+            t_hf, t_ours = min(t_hf, timeit(run_hf, repeat=1)), min(t_ours, timeit(run_ours, repeat=1))
+    finally:
+        torch.set_num_threads(threads)
+    tok = B * new_tokens  # decoded positions: both loops run every step while any row is unfinished
+    print(f"AN sampling: random GPT-2 4 x 128, vocab 257, batch {B}, prompts 8-24 tokens left-padded, "
+          f"top-k {top_k}, {new_tokens} new tokens, float32, 1 CPU thread")
+    print(f"{'ours (negatives.autoregressive_negatives)':44s} {tok / t_ours:7.0f} new tokens/s {1e3 * t_ours / new_tokens:6.1f} ms/step")
+    print(f"{'transformers generate(do_sample, top_k=50)':44s} {tok / t_hf:7.0f} new tokens/s {1e3 * t_hf / new_tokens:6.1f} ms/step")
+    print(f"ours / transformers: {t_hf / t_ours:.2f}x   (target >= 2)")
 
 # ----------------------------------------------------------------------------- train
 # (bench_train goes here)

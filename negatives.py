@@ -346,10 +346,7 @@ def main(argv=None):
     (kind, n), *rest = parse_spec(args.spec)
     if kind != "an" or rest:
         p.error(f"--spec must be an:N (bn/mn/tn are made on the fly in training), got {args.spec!r}")
-    try:
-        from model import load
-    except ImportError:  # until the io part is merged into model.py
-        from _model_io import load
+    from model import load
     from data import load_task
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

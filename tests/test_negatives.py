@@ -343,16 +343,10 @@ def test_build_cpo_batch_real_model_all_kinds_ranked():
 # ----------------------------------------------------------------------------- the offline AN tool
 
 
-def model_io():
-    """model.py once the io part is merged into it; _model_io.py until then."""
-    return M if hasattr(M, "save_pretrained") and hasattr(M, "byte_tokenizer") else __import__("_model_io")
-
-
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("an")
-    mio = model_io()
-    mio.save_pretrained(tiny_model(dtype=torch.float32, vocab_size=257), str(tmp / "model"), mio.byte_tokenizer())
+    M.save_pretrained(tiny_model(dtype=torch.float32, vocab_size=257), str(tmp / "model"), M.byte_tokenizer())
     with open(tmp / "pairs.jsonl", "w") as f:
         for i in range(10):
             f.write(json.dumps({"id": f"p{i}", "prompt": "ab" * (i % 4 + 1) + "=", "response": "xyz"[: i % 3 + 1]}) + "\n")
