@@ -658,6 +658,7 @@ def load(path, device="cpu", dtype=None):
     """A local HF folder or a hub name ("gpt2-xl", "openlm-research/open_llama_3b") -> (model, tokenizer).
     tokenizer is None when the folder has no tokenizer files. dtype None = the checkpoint's torch_dtype.
     The model is built on the meta device and takes the memory-mapped tensors as they are: one copy."""
+    path = os.fspath(path)
     folder = path if os.path.isdir(path) else hub_download(path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):

@@ -1,4 +1,4 @@
-"""
+r"""
 Train a language model with MLE or with sequence-level Contrastive Preference Optimization
 (Feng et al. 2024), on a laptop CPU or on many GPUs.
 
@@ -75,7 +75,7 @@ class Config:
     lr: float = opt(1e-5, "peak learning rate")
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms)")
     warmup_steps: int = opt(0, "linear warm-up steps")
-    schedule: str = opt("constant", "after warm-up: constant | cosine (down to 10% of lr)")
+    schedule: str = opt("constant", "after warm-up: constant | cosine (down to 10%% of lr)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     # system
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -240,7 +240,7 @@ def reference_logps(ref, ids, mask, cache, device, autocast):
 def mle_objective(cfg, policy, ref, examples, ctx, micro_id):
     """Next-token NLL of the continuation tokens."""
     ids, mask = data.collate(examples, ctx["pad_id"])  # (B, T)
-    return -sequence_logps(policy, ids.to(ctx["device"]), mask.to(ctx["device"])).sum(), {}
+    return -sequence_logps(policy, ids.to(ctx["device"]), mask.to(ctx["device"])).sum(), {"tokens": ids.numel()}
 
 
 def score_sequences(policy, ref, ids, mask, ctx):
@@ -249,19 +249,21 @@ def score_sequences(policy, ref, ids, mask, ctx):
     ids, mask = ids.view(B * K, T), mask.view(B * K, T)
     policy_logps = sequence_logps(policy, ids.to(ctx["device"]), mask.to(ctx["device"])).view(B, K)
     ref_logps = reference_logps(ref, ids, mask, ctx["ref_cache"], ctx["device"], ctx["autocast"]).view(B, K)
+    if not torch.isfinite(policy_logps).all():  # the model diverged; the loop stops the run cleanly
+        raise FloatingPointError("the policy's log-probs are NaN or inf")
     return policy_logps, ref_logps
 
 
 def cpo_objective(cfg, policy, ref, examples, ctx, micro_id):
     """Eq. (1), or eq. (2) with cfg.ranked: each ground truth against its K-1 synthetic negatives."""
     ids, mask, valid = negatives.build_cpo_batch(
-        examples, cfg.negatives, ref, pad_id=ctx["pad_id"], eos_id=ctx["eos_id"], seed=cfg.seed,
+        examples, cfg.negatives, ref, pad_id=ctx["pad_id"], eos_id=ctx["eos_id"],
+        generator=torch.Generator().manual_seed(cfg.seed),  # the same seed every step: fixed negatives
         an_cache=ctx["an_cache"], ranked=cfg.ranked)  # (B, K, T), (B, K, T), (B, K); column 0 the ground truth
     policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, ctx)
-    loss, metrics = cpo.cpo_loss(policy_logps, ref_logps, beta=cfg.beta, ranked=cfg.ranked, valid=valid.to(ctx["device"]))
-    if cfg.mle_weight:  # the paper's mixed objective alpha * L_MLE + L_CPO, on the ground truth
-        loss = loss + cfg.mle_weight * -policy_logps[:, 0].sum() / mask[:, 0, 1:].sum().to(ctx["device"])
-    return loss * len(examples), metrics
+    loss, metrics = cpo.cpo_loss(policy_logps, ref_logps, beta=cfg.beta, ranked=cfg.ranked, valid=valid.to(ctx["device"]),
+                                 mle_weight=cfg.mle_weight, gt_tokens=mask[:, 0].sum(-1).to(ctx["device"]))
+    return loss * len(examples), {**metrics, "tokens": ids.numel()}
 
 
 def dpo_objective(cfg, policy, ref, examples, ctx, micro_id):
@@ -270,7 +272,7 @@ def dpo_objective(cfg, policy, ref, examples, ctx, micro_id):
     ids, mask = data.collate([e for pair in zip(examples, rejected) for e in pair], ctx["pad_id"])  # (2B, T)
     policy_logps, ref_logps = score_sequences(policy, ref, ids.view(len(examples), 2, -1), mask.view(len(examples), 2, -1), ctx)
     loss, metrics = cpo.dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
-    return loss * len(examples), metrics
+    return loss * len(examples), {**metrics, "tokens": ids.numel()}
 
 
 def pss_objective(cfg, policy, ref, examples, ctx, micro_id):
@@ -290,7 +292,7 @@ def pss_objective(cfg, policy, ref, examples, ctx, micro_id):
     mixed = torch.cat([ids[:, :1], torch.where(replace, samples, ids[:, 1:])], dim=1)
     hidden = policy(mixed[:, :-1], return_hidden=True)  # (N, T-1, C), inputs from the mix...
     logps = cpo.sequence_logprobs_from_hidden(hidden, unwrap(policy).lm_head.weight, ids[:, 1:], mask[:, 1:])  # ...targets the truth
-    return -logps.sum(), {}
+    return -logps.sum(), {"tokens": mixed.numel()}
 
 
 OBJECTIVES = {"mle": mle_objective, "cpo": cpo_objective, "dpo": dpo_objective, "pss": pss_objective}
@@ -401,6 +403,24 @@ def peak_flops(device):
 
 # ----------------------------------------------------------------------------- the loop
 
+def train_step(cfg, policy, ref, micro, ctx, step, units, world):
+    """Forward and backward over this rank's micro-batches of one global batch (the optimizer steps
+    outside). Returns the global sums of (loss, reward accuracy, reward margin), and the tokens this
+    rank's policy processed."""
+    device, accum, rank = ctx["device"], len(micro), ctx["rank"]
+    sums, tokens, zero = torch.zeros(3, device=device), 0, torch.zeros((), device=device)
+    for m, examples in enumerate(micro):
+        # DDP all-reduces the gradients on the last micro-step only, and must know it before the forward
+        with (policy.no_sync() if world > 1 and m < accum - 1 else nullcontext()), ctx["autocast"]:
+            loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, ctx, (step, rank * accum + m))
+        (loss_sum * world / units).backward()  # DDP averages over ranks: this makes it the global batch's mean
+        sums += torch.stack([loss_sum.detach().float(), len(examples) * metrics.get("reward_accuracy", zero),
+                             len(examples) * metrics.get("reward_margin", zero)])
+        tokens += metrics["tokens"]
+    return all_sum(sums).tolist(), tokens
+
+
+
 def train(cfg):
     """One run: cfg.steps optimisation steps of cfg.objective from cfg.init_from. Returns the final model's folder."""
     rank, world, device = setup(cfg)
@@ -423,9 +443,9 @@ def train(cfg):
     if ref is not None:
         ref.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    ctx = dict(device=device, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, ref_cache={},
+    ctx = dict(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, ref_cache={},
                an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
-               rejected=data.load_rejected(cfg.dpo_rejected, tok, cfg.max_len) if cfg.objective == "dpo" else None)
+               rejected=data.load_rejected(cfg.dpo_rejected, train_set, tok, cfg.max_len) if cfg.objective == "dpo" else None)
 
     start = 0
     if cfg.resume and checkpoints(cfg.out_dir):
@@ -453,28 +473,21 @@ def train(cfg):
             group["lr"] = lr
         indices = global_batch(step, len(train_set), cfg.batch_size, cfg.seed)
         units = UNITS[cfg.objective](cfg, [train_set[i] for i in indices])  # examples or tokens in the global batch
-        totals = torch.zeros(4, device=device)  # loss sum, accuracy sum, margin sum, tokens
-        for m, chunk in enumerate(micro_batches(indices, rank, world, cfg.micro_batch_size)):
-            examples = [train_set[i] for i in chunk]
-            # DDP: all-reduce gradients only after the last micro-step; must be decided before the forward
-            sync = m == accum - 1 or world == 1
-            with (policy.no_sync() if not sync else nullcontext()), autocast:
-                loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, ctx, step, rank * accum + m)
-            (loss_sum * world / units).backward()  # DDP averages over ranks; this makes it the global mean
-            totals += torch.stack([loss_sum.detach().float(), torch.as_tensor(metrics.get("reward_accuracy", 0.0), device=device) * len(examples),
-                                   torch.as_tensor(metrics.get("reward_margin", 0.0), device=device) * len(examples),
-                                   torch.tensor(float(sum(len(e.prompt_ids) + len(e.continuation_ids) for e in examples)), device=device)])
-        all_sum(totals)
-        loss = totals[0].item() / units
-        if not math.isfinite(loss):
+        micro = [[train_set[i] for i in chunk] for chunk in micro_batches(indices, rank, world, cfg.micro_batch_size)]
+        try:
+            sums, tokens = train_step(cfg, policy, ref, micro, ctx, step, units, world)
+            loss = sums[0] / units
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss}")
+        except FloatingPointError as e:
             last = checkpoints(cfg.out_dir)
-            raise SystemExit(f"step {step}: the loss is {loss}; stopping before the update. "
-                             f"Last good checkpoint: {last[-1] if last else 'none'} (resume with --resume)")
+            raise SystemExit(f"step {step + 1}: {e}; stopped before the update. "
+                             f"Last good checkpoint: {last[-1] if last else 'none'} (continue with --resume)")
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_since += int(totals[3].item())
+        tokens_since += tokens * world
 
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.steps:
@@ -482,7 +495,7 @@ def train(cfg):
             tok_s = tokens_since / dt
             tokens_since = 0
             eta = (time.time() - t_start) / (done - start) * (cfg.steps - done)
-            extra = f" | acc {totals[1].item() / cfg.batch_size:.2f} margin {totals[2].item() / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
+            extra = f" | acc {sums[1] / cfg.batch_size:.2f} margin {sums[2] / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
             mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
             log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
         if master and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):

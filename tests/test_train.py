@@ -1,0 +1,179 @@
+"""train.py: DDP equivalence, exact resume, the CPO gradient, NaN handling, and the embedded default."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+import cpo
+import data
+import model as modeling
+import negatives
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--max_len=40", "--n_train=256", "--n_val=16", "--batch_size=8",
+        "--micro_batch_size=4", "--lr=1e-3", "--log_interval=1", "--eval_interval=0", "--device=cpu"]
+CPO = ["--objective=cpo", "--negatives=bn:2,mn:2,tn:2", "--ranked"]
+
+
+def tiny_config(**overrides):
+    preset, flags = train.parse_args(TINY)
+    return replace(train.Config(**flags), **overrides)
+
+
+SINGLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_run_preset.py")  # one run, no stages
+
+
+def run(args, nproc=1, check=True, preset=SINGLE):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [preset, *args] if preset else args
+    if nproc == 1:
+        cmd = [sys.executable, "train.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def weights(folder):
+    m, _ = modeling.load(folder)
+    return m.state_dict()
+
+
+def assert_weights_close(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= atol, f"{k}: max abs difference {diff} > {atol}"
+
+
+@pytest.mark.parametrize("objective", [["--objective=mle"], CPO])
+def test_two_ranks_match_one_process(tmp_path, objective):
+    """torchrun with 2 CPU ranks (gloo) reaches the weights of 1 process with the same global batch."""
+    run([*TINY, *objective, "--steps=5", "--ckpt_interval=0", f"--out_dir={tmp_path / 'one'}"])
+    run([*TINY, *objective, "--steps=5", "--ckpt_interval=0", f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    assert_weights_close(weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"), atol=1e-5)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    args = [*TINY, *CPO, "--steps=8", "--ckpt_interval=2"]
+    run([*args, f"--out_dir={tmp_path / 'straight'}"])
+    # the same run, killed with SIGKILL as soon as its first checkpoint is announced
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", SINGLE, *args, f"--out_dir={tmp_path / 'killed'}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("saved") and "ckpt-" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(tmp_path / "killed" / "final")
+    out = run([*args, f"--out_dir={tmp_path / 'killed'}", "--resume"])
+    assert "resumed from" in out.stdout
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    cfg = tiny_config(objective="mle", steps=6, ckpt_interval=2, out_dir=str(tmp_path / "run"))
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        if "ckpt-0000004" in str(path):
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.checkpoints(cfg.out_dir) == [os.path.join(cfg.out_dir, "ckpt-0000002")]
+    assert os.path.isdir(os.path.join(cfg.out_dir, "ckpt-0000004.tmp"))  # the torn write, ignored
+    weights(os.path.join(cfg.out_dir, "ckpt-0000002", "model"))  # the previous checkpoint still loads
+    train.train(replace(cfg, resume=True))
+    train.train(replace(cfg, out_dir=str(tmp_path / "straight")))
+    a, b = weights(tmp_path / "run" / "final"), weights(tmp_path / "straight" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hand_logp(model, ids, mask):
+    """log pi(y|x) of one sequence by a plain loop over its continuation tokens."""
+    logits = model(ids[None])[0].log_softmax(-1)  # (T, V)
+    return sum(logits[t - 1, ids[t]] for t in range(1, len(ids)) if mask[t])
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_cpo_step_gradient_matches_hand_written_formula(ranked):
+    cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:2", ranked=ranked, beta=5.0)
+    policy, tok = train.build_model(cfg)
+    ref = train.frozen_copy(policy)
+    with torch.no_grad():  # make the policy differ from the reference, so the rewards are not all 0
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
+    ctx = dict(device=torch.device("cpu"), rank=0, autocast=torch.autocast("cpu", enabled=False), pad_id=tok.pad_id,
+               eos_id=tok.eos_id, ref_cache={}, an_cache=None)
+    loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, ctx, (0, 0))
+    (loss_sum / len(examples)).backward()
+    ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    ids, mask, valid = negatives.build_cpo_batch(examples, cfg.negatives, ref, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                                                 generator=torch.Generator().manual_seed(cfg.seed), ranked=ranked)
+    B, K, _ = ids.shape
+    total = 0
+    for b in range(B):
+        r = [cfg.beta * (hand_logp(policy, ids[b, k], mask[b, k]) - hand_logp(ref, ids[b, k], mask[b, k]).detach())
+             for k in range(K) if valid[b, k]]
+        if ranked:  # eq. (2)
+            total = total - sum(r[k] - torch.logsumexp(torch.stack(r[k:]), 0) for k in range(len(r)))
+        else:  # eq. (1)
+            total = total - (r[0] - torch.logsumexp(torch.stack(r), 0))
+    (total / B).backward()
+    for n, p in policy.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
+    out = run([*TINY, "--objective=mle", "--steps=6", "--ckpt_interval=1", "--lr=1e30", "--grad_clip=0",
+               f"--out_dir={tmp_path}"], check=False)
+    assert out.returncode != 0
+    assert "stopped before the update" in out.stderr and "Last good checkpoint" in out.stderr, out.stderr[-2000:]
+    last = train.checkpoints(str(tmp_path))[-1]
+    assert last in out.stderr
+    weights(os.path.join(last, "model"))  # intact and loadable
+
+
+def test_default_pipeline_prints_table(tmp_path):
+    """`python train.py`, shortened: every stage runs a few steps, then the comparison table."""
+    out = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=None)
+    for stage in ("ref", "mle", "cpo"):
+        assert f"=== stage {stage}" in out.stdout and os.path.isdir(tmp_path / stage / "final")
+    assert "| model | exact_match | correct_stop" in out.stdout
+    assert "| cpo |" in out.stdout
+    again = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=None)
+    assert "already trained" in again.stdout  # a rerun continues the pipeline instead of starting over
+
+
+def test_help_lists_every_flag():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for f in train.dataclasses.fields(train.Config):
+        assert f"--{f.name}" in out.stdout
+
+
+def test_every_preset_resolves():
+    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
+        if name.endswith(".py") and name != "paper.py":
+            config, stages = train.load_preset(os.path.join(ROOT, "config", name))
+            train.Config(**config)
+            for overrides in stages.values():
+                train.Config(**{**config, **overrides})
