@@ -25,6 +25,19 @@ def timeit(fn, warmup=1, repeat=3):
     return best
 
 
+def _rss_mb(field):
+    """"VmRSS" (resident now) or "VmHWM" (high-water mark since the last reset) of this process, in MB."""
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
+
+
+def _reset_peak_rss():
+    """Reset this process's resident high-water mark (Linux clear_refs 5): tracemalloc can't see torch's
+    allocations and ru_maxrss is inherited across fork/exec, so the benches read VmHWM - VmRSS instead."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_mb("VmRSS")
+
+
 # ----------------------------------------------------------------------------- model
 def bench_model():
     """GPT-2-small-shaped random model, CPU float32: ours vs transformers on the same weights, same process.
@@ -108,17 +121,12 @@ def _loss_worker(path, N=12, T=512, V=50257, C=768):
         "hidden": lambda h, w: cpo.sequence_logprobs_from_hidden(h, w, labels, mask),
     }
 
-    def rss_mb(field):  # "VmRSS" (now) or "VmHWM" (high-water mark since the last reset), Linux /proc
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
-
     # Memory: tracemalloc can't see torch's allocations and ru_maxrss is inherited across fork/exec,
     # so we reset this process's RSS high-water mark (clear_refs 5) and read VmHWM - VmRSS: real
     # resident bytes, everything the path allocates, torch's temporaries included. The inputs are made
     # inside the measured window in every path (the (N, T, V) logits are the model's output, so they
     # count, as do hidden + W for the hidden path), and so are their gradients.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = rss_mb("VmRSS")
+    base = _reset_peak_rss()
     if path == "hidden":
         inputs = torch.randn(N, T, C).requires_grad_(), torch.randn(V, C).mul_(0.02).requires_grad_()
     else:
@@ -129,7 +137,7 @@ def _loss_worker(path, N=12, T=512, V=50257, C=768):
     t0 = time.perf_counter()
     grads = step()
     secs = time.perf_counter() - t0
-    peak = rss_mb("VmHWM") - base
+    peak = _rss_mb("VmHWM") - base
     del grads
     inputs_mb = sum(x.numel() * x.element_size() for x in inputs) / 2**20
     if path != "hidden":  # its four (6144 x 768 x 50257) matmuls take a minute on CPU: timed once
@@ -209,7 +217,60 @@ def bench_negatives(B=32, new_tokens=64, top_k=50):
     print(f"ours / transformers: {t_hf / t_ours:.2f}x   (target >= 2)")
 
 # ----------------------------------------------------------------------------- train
-# (bench_train goes here)
+def _train_worker(mode, B=16):
+    """One optimisation step in THIS process (forward, backward, AdamW) of the default CPU model on B
+    synthetic examples: 'mle' on the B*K sequences of a CPO batch, or 'cpo' (MixNR, K = 12) with the
+    reference log-probs computed in the step or already cached. Prints 'peak_MB seconds'."""
+    import data
+    import negatives
+    import train
+    torch.manual_seed(0)
+    cfg = train.Config(objective="mle" if mode == "mle" else "cpo", negatives="bn:3,mn:5,tn:3", ranked=True)
+    policy, tok = train.build_model(cfg)
+    ref = train.frozen_copy(policy)
+    examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=B, seed=0)
+    ctx = dict(device=torch.device("cpu"), rank=0, autocast=torch.autocast("cpu", enabled=False), pad_id=tok.pad_id,
+               eos_id=tok.eos_id, ref_cache=None if mode == "cpo_computed" else {}, an_cache=None)
+    ids, mask, _ = negatives.build_cpo_batch(examples, cfg.negatives, ref, tok.pad_id, tok.eos_id,
+                                             generator=torch.Generator().manual_seed(0), ranked=True)
+    ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)  # (B*K, T): the MLE step sees the same sequences
+    optimizer = train.make_optimizer(policy, cfg, ctx["device"])
+
+    def step():
+        if mode == "mle":
+            loss = -train.sequence_logps(policy, ids, mask).sum() / mask[:, 1:].sum()
+        else:
+            loss = train.cpo_objective(cfg, policy, ref, examples, ctx, (0, 0))[0] / B
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    base = _reset_peak_rss()  # before any forward pass: later steps reuse memory the first one made resident
+    if mode == "cpo_cached":  # the negatives are fixed, so a run scores each sequence under pi_ref once
+        train.reference_logps(ref, ids, mask, ctx["ref_cache"], ctx["device"], ctx["autocast"])
+    secs = timeit(step, warmup=1, repeat=3)
+    print(f"{_rss_mb('VmHWM') - base:.1f} {secs:.3f}")
+
+
+def bench_train():
+    """A CPO step (K = 12, MixNR) with the reference's log-probs cached or computed, against an MLE step
+    on the same B*K sequences: time and peak memory, each in a fresh process."""
+    import os
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    print("one step (forward, backward, AdamW) of the default CPU model (4 x 128, byte vocabulary), 16 synthetic")
+    print("examples x K = 12 sequences, float32; peak = growth of resident memory from before the first step")
+    print(f"{'step':42s} {'time s':>7s} {'vs MLE':>7s} {'peak MB':>8s} {'vs MLE':>7s}")
+    rows = [("mle", "MLE on the same 192 sequences"), ("cpo_cached", "CPO, reference log-probs cached"),
+            ("cpo_computed", "CPO, reference log-probs computed")]
+    mle = None
+    for key, name in rows:
+        cmd = [sys.executable, "-c", f"import bench; bench._train_worker({key!r})"]
+        out = subprocess.run(cmd, cwd=here, capture_output=True, text=True, check=True).stdout
+        mb, secs = map(float, out.split()[-2:])
+        mle = mle or (mb, secs)
+        print(f"{name:42s} {secs:7.3f} {secs / mle[1]:6.2f}x {mb:8.1f} {mb / mle[0]:6.2f}x", flush=True)
+
 
 
 if __name__ == "__main__":
