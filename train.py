@@ -16,8 +16,10 @@ policy and the frozen reference (model.py, then cpo.sequence_logprobs_from_hidde
 or eq. (2) with --ranked (cpo.cpo_loss); step AdamW.
 """
 import argparse
+import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -26,7 +28,6 @@ import runpy
 import shutil
 import sys
 import time
-import copy
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
@@ -39,7 +40,7 @@ import cpo
 import data
 import evaluate
 import negatives
-from model import ModelConfig, Transformer, byte_tokenizer, load, read_safetensors
+from model import ModelConfig, Transformer, byte_tokenizer, load
 
 
 def opt(default, help):
@@ -200,7 +201,9 @@ def frozen_copy(model):
 
 
 def unwrap(model):
-    return getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+    """The Transformer inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
 
 
 def sequence_logps(model, ids, mask):
@@ -211,15 +214,16 @@ def sequence_logps(model, ids, mask):
 
 
 def sequence_keys(ids, mask):
-    """A sequence's tokens up to its EOS, as bytes: the key of the reference cache."""
+    """The key of the reference cache: a 16-byte hash of the sequence's tokens up to its EOS."""
     ends = (mask.cumsum(1).argmax(1) + 1).tolist()  # position after the last continuation token
-    return [ids[i, :e].numpy().tobytes() for i, e in enumerate(ends)]
+    return [hashlib.blake2b(ids[i, :e].numpy().tobytes(), digest_size=16).digest() for i, e in enumerate(ends)]
 
 
 @torch.no_grad()
 def reference_logps(ref, ids, mask, cache, device, autocast):
-    """log pi_ref(y|x) (N,). With a cache, each distinct sequence is scored once for the whole run:
-    the negatives are a pure function of (seed, example), so the same sequences come back every epoch."""
+    """log pi_ref(y|x) (N,). With a cache, each distinct sequence is scored once for the whole run: the
+    ground truths, AN, MN and TN negatives are a pure function of (seed, example), so they come back
+    every epoch; BN negatives recur when the same two examples share a batch again."""
     if cache is None:
         with autocast:
             return sequence_logps(ref, ids.to(device), mask.to(device)).float()
@@ -359,11 +363,15 @@ def save_checkpoint(cfg, step, model, tok, optimizer, ref_cache, rank):
 
 
 def restore_checkpoint(path, model, optimizer, rank):
-    """The inverse of save_checkpoint; returns (step, ref_cache)."""
+    """The inverse of save_checkpoint; returns (step, ref_cache). Resuming on more ranks than saved it
+    works, but the new ranks start with fresh RNG and an empty cache, so it is no longer bit-exact."""
     weights, _ = load(os.path.join(path, "model"))
     model.load_state_dict(weights.state_dict())
     trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
+    if not os.path.exists(os.path.join(path, f"rank{rank}.pt")):
+        print(f"rank {rank}: {path} has no rank{rank}.pt (saved by fewer ranks): fresh RNG and reference cache")
+        return trainer["step"], {}
     mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
     torch.set_rng_state(mine["rng"]["torch"])
     if mine["rng"]["cuda"]:
