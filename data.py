@@ -295,6 +295,22 @@ def synthetic_examples(n, seed, tokenizer, max_len, split="train"):
     return examples
 
 
+def synthetic_rejected(example):
+    """A wrong answer for the DPO baseline on the synthetic task, made without an LLM: the answer of another
+    operation on the same word ("rev hello=" -> "hll", cons's answer), the operation picked by a hash of the
+    example's id. It always differs from the truth: if every other operation happens to give the same string
+    (or an empty one), the truth with its first letter changed (b for a, else a) is used instead."""
+    op, word = example.prompt.rstrip("=").split(" ")
+    truth = SYNTHETIC_OPS[op](word)
+    others = [o for o in SYNTHETIC_OPS if o != op]
+    start = hashlib.sha256(example.id.encode()).digest()[0] % len(others)
+    for o in others[start:] + others[:start]:
+        answer = SYNTHETIC_OPS[o](word)
+        if answer and answer != truth:
+            return answer
+    return ("b" if truth[0] == "a" else "a") + truth[1:]
+
+
 def cut_at_eos(ids, eos_id):
     """Generated ids up to and including the first EOS; all of them if it never stopped."""
     ids = list(ids)

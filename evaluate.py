@@ -10,6 +10,8 @@ Evaluation: the paper's three measurements, cheap to rerun and safe to interrupt
     python evaluate.py mauve --p p.npy --q q.npy
     python evaluate.py mauve --p-text gens.jsonl --q-text gens.jsonl --featurizer gpt2-large   # from text
     python evaluate.py report out/
+    python evaluate.py miniature --out out/miniature        # every method on the synthetic task, 3 seeds, CPU
+    python evaluate.py miniature --scale tiny --seeds 0     # the same at a smoke-test size (seconds)
 
 Files
 - generations (generate's output), jsonl, one line per prompt:
@@ -51,6 +53,7 @@ the area is integrated along the mixture-weight order instead of after sorting t
 reference uses gpt2-large): the final-layer hidden state at each text's last token.
 """
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -790,6 +793,251 @@ def plot_alpha_sweep(rows, path):
     log(f"report: plot in {path}")
 
 
+# ----------------------------------------------------------------------------- the method in miniature
+# `python evaluate.py miniature`: every method of the paper on the synthetic task, on a CPU, over seeds.
+# Layout under --out: seed<S>/<stage>/ (train.py's run folder; final/ the model, scores.json its held-out
+# scores, log.txt its output), seed<S>/an/ (the AN cache), seed<S>/dpo_rejected.jsonl, seed<S>/alpha/alpha_<a>/
+# (the ensembles, their scores in seed<S>/alpha/scores_<run>@<a>.json),
+# results.md and alpha.md. A run with a final/ is not trained again and a model with scores.json is not
+# scored again, so a rerun after an interruption continues where it stopped.
+
+def miniature_settings(path, scale):
+    """config/miniature.py -> (base config, {stage: overrides}, experiment settings), --scale applied."""
+    import runpy
+    import train
+    base, stages = train.load_preset(path)
+    ns = runpy.run_path(path)
+    experiment = dict(ns["experiment"])
+    if scale == "tiny":
+        tiny = ns["tiny"]
+        base = {**base, **tiny["config"]}
+        stages = {name: {**o, **(tiny["ref"] if name == "ref" else tiny["continued"])} for name, o in stages.items()}
+        experiment.update(tiny["experiment"])
+    return base, stages, experiment
+
+
+def miniature_examples(base, seed, n_eval):
+    """The held-out prompts every model of a seed is scored on (the first n_eval test examples)."""
+    import data
+    import model as modeling
+    return data.load_task(base["task"], "test", modeling.byte_tokenizer(), base["max_len"], n=n_eval, seed=seed)
+
+
+def miniature_score(model_dir, ref_dir, examples, out_path):
+    """Greedy decoding on the held-out prompts -> the exact metrics (data.score_synthetic) and MAUVE between
+    the generated and the ground-truth continuations, featurized (prompt + continuation, the last token's
+    final hidden state) by the seed's reference model: the cheap stand-in for gpt2-large's features.
+    out_path (beside the model, never inside it: interpolate copies a model folder's files) caches the result."""
+    import data
+    import model as modeling
+    if os.path.isfile(out_path):
+        with open(out_path) as f:
+            return json.load(f)
+    net, tok = modeling.load(model_dir)
+    net.eval()
+    greedy = dict(temperature=0.0, top_k=None, top_p=None, num_beams=1, length_penalty=1.0)
+    gens = []
+    for s in range(0, len(examples), 64):
+        gens += generate_batch(net, tok, [e.prompt_ids for e in examples[s:s + 64]], data.SYNTHETIC_MAX_NEW_TOKENS, greedy)
+    scores = data.score_synthetic(gens, [e.continuation_ids for e in examples], tok.eos_id)
+    texts = [e.prompt + new_text(tok, g) for e, g in zip(examples, gens)] + [e.prompt + e.response for e in examples]
+    feats = featurize(texts, ref_dir, batch_size=128)
+    scores["mauve"] = compute_mauve(feats[:len(examples)], feats[len(examples):])
+    with open(out_path + ".tmp", "w") as f:
+        json.dump(scores, f)
+    os.replace(out_path + ".tmp", out_path)
+    return scores
+
+
+def miniature_task(kind, seed, name, args, base, stages, experiment, threads):
+    """One unit of work, run in a worker process with its output in <run>/log.txt:
+    kind "ref": train the reference, then write the seed's AN cache and DPO rejected answers;
+    kind "run": train one continued stage; kind "alpha": build one weight-space ensemble.
+    Each then scores its model. Returns (seed, name, scores, seconds)."""
+    from dataclasses import replace
+    import torch
+    import data
+    import negatives
+    import train
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    seed_dir = os.path.join(args.out, f"seed{seed}")
+    ref_final = os.path.join(seed_dir, "ref", "final")
+    run_dir = os.path.join(seed_dir, "alpha" if kind == "alpha" else name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, f"log{'_' + name if kind == 'alpha' else ''}.txt"), "a") as logf, \
+            contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf):
+        if kind == "alpha":
+            best, alpha = name.split("@")
+            final = interpolate_folder(os.path.join(seed_dir, "mle", "final"), os.path.join(seed_dir, best, "final"),
+                                       float(alpha), os.path.join(run_dir, f"alpha_{float(alpha):g}"))
+        else:
+            cfg = train.Config(**{"resume": True, **base, **stages[name], "seed": seed, "out_dir": run_dir})
+            if name != "ref":
+                n = cfg.n_train
+                cfg = replace(cfg, init_from=ref_final,
+                              an_cache=os.path.join(seed_dir, "an") if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
+                              dpo_rejected=os.path.join(seed_dir, "dpo_rejected.jsonl") if cfg.objective == "dpo" else "")
+            final = os.path.join(run_dir, "final")
+            if not os.path.isdir(final):
+                final = train.train(cfg)
+            if name == "ref":  # the seed's shared inputs of the AN and DPO runs, for their training examples
+                cont = next(iter(o for k, o in stages.items() if k != "ref"))
+                n, spec = cont["n_train"], next(o["negatives"] for o in stages.values() if o.get("negatives", "").startswith("an:"))
+                negatives.main(["--model", final, "--data", base["task"], "--split", "train", "--spec", spec,
+                                "--out", os.path.join(seed_dir, "an"), "--seed", str(seed), "--limit", str(n),
+                                "--max-len", str(base["max_len"]), "--max-new-tokens", str(data.SYNTHETIC_MAX_NEW_TOKENS),
+                                "--device", "cpu"])
+                examples = data.load_task(base["task"], "train", load_tokenizer_only(final), base["max_len"], n=n, seed=seed)
+                write_jsonl_atomic(os.path.join(seed_dir, "dpo_rejected.jsonl"),
+                                   [{"id": e.id, "rejected": data.synthetic_rejected(e)} for e in examples])
+        scores = miniature_score(final, ref_final, miniature_examples(base, seed, experiment["n_eval"]),
+                                 os.path.join(run_dir, f"scores_{name}.json" if kind == "alpha" else "scores.json"))
+    return seed, name, scores, time.time() - t0
+
+
+def load_tokenizer_only(folder):
+    import model as modeling
+    return modeling.load(folder)[1]
+
+
+def mean_spread(values):
+    """(mean, sample standard deviation over seeds; 0 for one seed)."""
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def verdict(values, baseline):
+    """win / loss only when the difference of the means exceeds the larger of the two seed-to-seed standard
+    deviations; anything smaller is a tie. With one seed there is no spread: every difference is '?'."""
+    (m, s), (mb, sb) = mean_spread(values), mean_spread(baseline)
+    if len(values) < 2 or len(baseline) < 2:
+        return "?"
+    if abs(m - mb) <= max(s, sb):
+        return "tie"
+    return "win" if m > mb else "loss"
+
+
+METRICS = ("exact_match", "correct_stop", "token_accuracy", "mauve")
+
+
+def results_table(results, names, seeds):
+    """Markdown: one row per method, each metric as mean ± std over seeds, and the verdict against MLE
+    continued on exact match and on MAUVE."""
+    lines = ["| method | " + " | ".join(METRICS) + " | exact match vs MLE | MAUVE vs MLE |",
+             "|---|" + "---|" * (len(METRICS) + 2)]
+    for name in names:
+        per = {k: [results[(s, name)][k] for s in seeds] for k in METRICS}
+        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread(per[k]) for k in METRICS)]
+        vs = ["-", "-"] if name in ("mle", "ref") else [
+            verdict(per[k], [results[(s, "mle")][k] for s in seeds]) for k in ("exact_match", "mauve")]
+        lines.append(f"| {name} | " + " | ".join(cells + vs) + " |")
+    return "\n".join(lines)
+
+
+def miniature(args):
+    """Train, score and tabulate; see config/miniature.py for the sizes and the module's end for the layout."""
+    base, stages, experiment = miniature_settings(args.config, args.scale)
+    seeds = [int(s) for s in (args.seeds or experiment["seeds"]).split(",")]
+    jobs = args.jobs or experiment["jobs"]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    alphas = [float(a) for a in experiment["alphas"].split(",")]
+    continued = [n for n in stages if n != "ref"]
+    cpo_runs = [n for n in continued if stages[n].get("objective") == "cpo"]
+    common = (args, base, stages, experiment, threads)
+    total = len(seeds) * (1 + len(continued) + len(alphas))
+    results, t0 = {}, time.time()
+    log(f"miniature: seeds {seeds}, {len(continued)} continued runs each from the seed's reference, "
+        f"{jobs} at a time x {threads} thread(s); logs in {args.out}/seed<S>/<run>/log.txt")
+
+    def collect(future):
+        seed, name, scores, secs = future.result()
+        results[(seed, name)] = scores
+        done = len(results)
+        eta = (time.time() - t0) / done * (total - done)
+        log(f"[{done}/{total}] seed {seed} {name}: exact match {scores['exact_match']:.3f}, correct stop "
+            f"{scores['correct_stop']:.3f}, MAUVE {scores['mauve']:.3f} ({secs:.0f}s; elapsed "
+            f"{(time.time() - t0) / 60:.1f} min, ETA at this pace {eta / 60:.1f} min)")
+        return seed, name
+
+    if jobs == 1:  # in this process: easier to debug, and what the test runs
+        from concurrent.futures import Future
+
+        def submit(*a):
+            f = Future()
+            f.set_result(miniature_task(*a))
+            return f
+        pool = None
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        submit = lambda *a: pool.submit(miniature_task, *a)
+    try:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        pending = {submit("ref", s, "ref", *common) for s in seeds}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                seed, name = collect(f)
+                if name == "ref":  # the seed's continued runs can start
+                    pending |= {submit("run", seed, n, *common) for n in continued}
+        best = max(cpo_runs, key=lambda n: np.mean([results[(s, n)]["exact_match"] for s in seeds]))
+        log(f"miniature: best CPO variant by mean exact match: {best}; alpha sweep {alphas}")
+        pending = {submit("alpha", s, f"{best}@{a:g}", *common) for s in seeds for a in alphas}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                collect(f)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    cont = stages[continued[0]]
+    header = (f"Synthetic task, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); reference: MLE from scratch, "
+              f"{stages['ref']['steps']} steps of batch {stages['ref']['batch_size']}; every other row continues from it "
+              f"for {cont['steps']} steps of batch {cont['batch_size']} (lr {cont['lr']:g}). Greedy decoding on "
+              f"{experiment['n_eval']} held-out prompts. Cells: mean ± standard deviation over seeds. "
+              f"win/loss: the difference of means exceeds the larger of the two standard deviations; else tie.")
+    table = results_table(results, ["ref"] + continued, seeds)
+    rows = ["| alpha (weight of MLE) | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for a in alphas:
+        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, f'{best}@{a:g}')][k] for s in seeds]) for k in METRICS)]
+        rows.append(f"| {a:g} | " + " | ".join(cells) + " |")
+    cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, 'mle')][k] for s in seeds]) for k in METRICS)]
+    rows.append("| 1 (MLE continued) | " + " | ".join(cells) + " |")
+    alpha_table = "\n".join(rows)
+    alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    with open(os.path.join(args.out, "alpha.md"), "w") as f:
+        f.write(alpha_header + "\n\n" + alpha_table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({f"{s}/{n}": r for (s, n), r in results.items()}, f, indent=1)
+    plot_miniature_alpha(results, best, alphas, seeds, os.path.join(args.out, "alpha.png"))
+    print(header + "\n\n" + table + "\n\n" + alpha_header + "\n\n" + alpha_table, flush=True)
+    log(f"miniature: done in {(time.time() - t0) / 60:.1f} min; {args.out}/results.md, {args.out}/alpha.md")
+    return table, alpha_table
+
+
+def plot_miniature_alpha(results, best, alphas, seeds, path):
+    """Exact match against alpha, mean and std over seeds, if matplotlib is installed (not a dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    stats = [mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds]) for a in alphas]
+    plt.errorbar(alphas, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3)
+    plt.xlabel("alpha (weight of the MLE model)")
+    plt.ylabel("exact match, held-out")
+    plt.title(f"alpha * MLE + (1 - alpha) * {best}")
+    plt.savefig(path, dpi=120)
+    plt.close()
+
+
 # ----------------------------------------------------------------------------- command line
 def add_client_flags(sp, max_tokens):
     sp.add_argument("--judge-url", required=True, help="base URL of an OpenAI-compatible API; we POST "
@@ -881,6 +1129,15 @@ def main(argv=None):
     sp = command("report", "markdown table (and PNG if matplotlib is installed) of a run folder")
     sp.add_argument("run_dir", help="folder searched for *.summary.json (judge) and *.mauve.json (mauve --out)")
     sp.set_defaults(func=report)
+
+    sp = command("miniature", "every method of the paper on the synthetic task over seeds, on a CPU: results table")
+    sp.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "miniature.py"),
+                    help="the experiment's preset")
+    sp.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, 0,1,2)")
+    sp.add_argument("--out", default="out/miniature", help="folder of every run, the tables and the logs")
+    sp.add_argument("--scale", default="full", choices=["full", "tiny"], help="tiny: a smoke test of a few steps")
+    sp.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's, 2)")
+    sp.set_defaults(func=miniature)
 
     args = parser.parse_args(argv)
     if args.command == "dpo-negatives" and not (args.examples or (args.task and args.tokenizer)):

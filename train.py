@@ -265,9 +265,16 @@ def cpo_objective(cfg, policy, ref, examples, ctx, micro_id):
         generator=torch.Generator().manual_seed(cfg.seed),  # the same seed every step: fixed negatives
         an_cache=ctx["an_cache"], ranked=cfg.ranked)  # (B, K, T), (B, K, T), (B, K); column 0 the ground truth
     policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, ctx)
-    loss, metrics = cpo.cpo_loss(policy_logps, ref_logps, beta=cfg.beta, ranked=cfg.ranked, valid=valid.to(ctx["device"]),
-                                 mle_weight=cfg.mle_weight, gt_tokens=mask[:, 0].sum(-1).to(ctx["device"]))
-    return loss * len(examples), {**metrics, "tokens": ids.numel()}
+    # An example all of whose negatives equal its ground truth (a good model's AN or MN samples of a short
+    # answer can) has nothing to contrast: it sits out this step, adding zero to the summed loss.
+    keep = valid[:, 1:].any(1)  # (B,), on the CPU: no sync
+    if not keep.any():
+        return 0.0 * policy_logps.sum(), {"tokens": ids.numel()}
+    device = ctx["device"]
+    loss, metrics = cpo.cpo_loss(policy_logps[keep.to(device)], ref_logps[keep.to(device)], beta=cfg.beta, ranked=cfg.ranked,
+                                 valid=valid[keep].to(device), mle_weight=cfg.mle_weight,
+                                 gt_tokens=mask[keep, 0].sum(-1).to(device))
+    return loss * int(keep.sum()), {**metrics, "tokens": ids.numel()}
 
 
 def dpo_objective(cfg, policy, ref, examples, ctx, micro_id):

@@ -177,3 +177,23 @@ def test_every_preset_resolves():
             train.Config(**config)
             for overrides in stages.values():
                 train.Config(**{**config, **overrides})
+
+
+def test_cpo_example_without_valid_negative_sits_out_the_step():
+    """An example whose continuation is a bare EOS has no truncation negative: it adds nothing to the loss
+    while the other examples train as usual."""
+    cfg = tiny_config(objective="cpo", negatives="tn:2")
+    policy, tok = train.build_model(cfg)
+    ref = train.frozen_copy(policy)
+    examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=3, seed=0)
+    bare = replace(examples[0], id="bare", continuation_ids=[tok.eos_id])
+    ctx = dict(device=torch.device("cpu"), rank=0, autocast=torch.autocast("cpu", enabled=False), pad_id=tok.pad_id,
+               eos_id=tok.eos_id, ref_cache={}, an_cache=None)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    with_bare, _ = train.cpo_objective(cfg, policy, ref, [bare] + examples, ctx, (0, 0))
+    without, _ = train.cpo_objective(cfg, policy, ref, examples, ctx, (0, 0))
+    torch.testing.assert_close(with_bare, without)
+    alone, _ = train.cpo_objective(cfg, policy, ref, [bare], ctx, (0, 0))
+    assert alone.item() == 0.0
