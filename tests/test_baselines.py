@@ -114,7 +114,7 @@ def test_pss_with_p1_feeds_samples_and_trains_on_the_truth(monkeypatch):
 
 # ----------------------------------------------------------------------------- presets
 
-PRESETS = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "config")) if n.endswith(".py") and n not in ("paper.py", "default.py"))
+PRESETS = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "config")) if n.endswith(".py") and n not in ("paper.py", "default.py", "miniature.py"))
 
 
 def preset(name):
