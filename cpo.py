@@ -157,7 +157,7 @@ def sequence_logprobs_from_hidden(hidden, weight, labels, mask, chunk_size=None)
     sequence_logprobs(hidden @ weight.T, labels, mask) without ever materialising the (N, T, V)
     logits: only the masked positions are gathered, and their logits made chunk_size tokens at a time
     (in autocast's dtype when it is on, as the lm_head would run; the softmax always in float32).
-    chunk_size None: 2**22 // V tokens, a 16 MB float32 chunk (83 tokens for GPT-2's vocabulary; a small
+    chunk_size None: 2**21 // V tokens, an 8 MB float32 chunk (41 tokens for GPT-2's vocabulary; a small
     vocabulary gets few, large chunks, since per-chunk overhead, not memory, is then what costs).
     hidden (N, T, C) final-normed hidden states; weight (V, C) the output matrix (lm_head.weight).
     Returns (N,) float32, differentiable wrt hidden and weight: the chunked backward remakes each
@@ -166,7 +166,7 @@ def sequence_logprobs_from_hidden(hidden, weight, labels, mask, chunk_size=None)
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"hidden (N, T, C), weight (V, C) and labels (N, T) disagree: {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(labels.shape)}")
-    return _LogprobsFromHidden.apply(hidden, weight, labels, mask, chunk_size or max(1, 2**22 // weight.shape[0]))
+    return _LogprobsFromHidden.apply(hidden, weight, labels, mask, chunk_size or max(1, 2**21 // weight.shape[0]))
 
 
 def mle_loss(logits, labels, mask, chunk_size=128):
