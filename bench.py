@@ -189,7 +189,7 @@ def bench_negatives(B=32, new_tokens=64, top_k=50):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (int(torch.randint(8, 25, (1,), generator=g)),), generator=g).tolist()
                for _ in range(B)]  # 8..24 tokens: left padding matters
-    idx, mask = negatives.left_pad(prompts, cfg.eos_id)
+    idx, mask = M.left_pad(prompts, cfg.eos_id)
 
     def run_ours():
         negatives.autoregressive_negatives(ours, prompts, 1, top_k=top_k, max_new_tokens=new_tokens,

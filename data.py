@@ -362,15 +362,19 @@ def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None):
     return examples[:n] if n is not None else examples
 
 
-def collate(examples, pad_id):
-    """Right-padded batch of prompt + continuation: input_ids (N, T) Long and cont_mask (N, T) bool, True
+def pad_right(prompts, continuations, pad_id):
+    """Prompt and continuation id lists -> input_ids (N, T) Long right-padded, cont_mask (N, T) bool, True
     exactly on continuation positions, final EOS included. The mask is by position, never by token id:
     with pad_id == eos_id the padding looks like EOS but is masked out, and the real EOS is not."""
-    T = max(len(e.prompt_ids) + len(e.continuation_ids) for e in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (N, T)
-    cont_mask = torch.zeros((len(examples), T), dtype=torch.bool)         # (N, T)
-    for i, e in enumerate(examples):
-        p, c = len(e.prompt_ids), len(e.continuation_ids)
-        input_ids[i, :p + c] = torch.tensor(e.prompt_ids + e.continuation_ids, dtype=torch.long)
-        cont_mask[i, p:p + c] = True
+    T = max(len(p) + len(c) for p, c in zip(prompts, continuations))
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # (N, T)
+    cont_mask = torch.zeros((len(prompts), T), dtype=torch.bool)         # (N, T)
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        input_ids[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        cont_mask[i, len(p):len(p) + len(c)] = True
     return input_ids, cont_mask
+
+
+def collate(examples, pad_id):
+    """Examples -> their right-padded batch, (input_ids (N, T), cont_mask (N, T)); see pad_right."""
+    return pad_right([e.prompt_ids for e in examples], [e.continuation_ids for e in examples], pad_id)

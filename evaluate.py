@@ -126,12 +126,8 @@ def generate_batch(net, tok, prompts, max_new_tokens, decoding, generator=None):
     bos = tok.bos_id is not None
     prompts = [p if len(p) <= room else p[:1] * bos + p[len(p) - room + bos:] for p in prompts]
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)  # (B, T), 1 on real tokens, right-aligned
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
+    from model import left_pad
+    idx, mask = left_pad(prompts, pad)  # (B, T) each
     device = net.tok_emb.weight.device
     out = net.generate(idx.to(device), max_new_tokens, attention_mask=mask.to(device), eos_id=tok.eos_id,
                        pad_id=pad, generator=generator, **decoding)  # (B, max_new_tokens)

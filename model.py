@@ -412,6 +412,17 @@ def _retie_after_load(model, incompatible_keys):
         incompatible_keys.missing_keys.remove("lm_head.weight")  # it is tok_emb.weight
 
 
+def left_pad(prompts, pad_id):
+    """Prompts (lists of ids) -> idx (B, T) left-padded and attention_mask (B, T), 0 on padding: generate's input."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return idx, mask
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next tokens (B,). temperature 0 = greedy (argmax). Otherwise sample from
     softmax(logits / temperature), restricted first to the top_k logits (ties at the k-th kept), then to the

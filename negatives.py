@@ -28,6 +28,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from data import pad_right
+from model import left_pad
+
 KINDS = ("an", "bn", "mn", "tn")
 
 # ----------------------------------------------------------------------------- spec and seeds
@@ -79,16 +82,6 @@ def evaluating(model):
         model.train(was_training)
 
 # ----------------------------------------------------------------------------- AN: autoregressive
-
-def left_pad(seqs, pad_id):
-    """list of id lists -> idx (N, T) left-padded, attention_mask (N, T) with 0 on padding."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
-    return idx, mask
 
 
 def end_with_eos(new_tokens, eos_id):
@@ -216,17 +209,6 @@ def rank_by_similarity(embeddings, valid=None):
     return torch.sort(-sim, dim=1, stable=True).indices
 
 # ----------------------------------------------------------------------------- a CPO batch
-
-def pad_right(prompts, continuations, pad_id):
-    """(prompt, continuation) id lists -> input_ids (N, T) right-padded, cont_mask (N, T) bool."""
-    T = max(len(p) + len(c) for p, c in zip(prompts, continuations))
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, continuations)):
-        ids[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-        mask[i, len(p):len(p) + len(c)] = True
-    return ids, mask
-
 
 def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_cache=None, ranked=False,
                     embed_fn=mean_pooled_embedding, allow_fewer=False, fraction=0.15,
