@@ -366,8 +366,8 @@ class Server:
                 if server.drop_after is not None:  # cut the connection midway, once
                     body, server.drop_after = body[:server.drop_after], None
                     self.close_connection = True
+                entry["sent"] = len(body)  # before writing: the client may be done (and the test checking) first
                 self.wfile.write(body)
-                entry["sent"] = len(body)
 
             def log_message(self, *args):
                 pass
