@@ -179,14 +179,14 @@ def _bare_sampling_loop(model, idx, mask, new_tokens, top_k, generator):
     layer norm, SDPA, gelu, top-k and an exponential race) called in one flat loop, with no modules, no
     checks and no end-of-sequence bookkeeping. If generate is as fast as this, what is left to gain is in
     the kernels themselves, not in Python."""
+    import torch.nn.functional as F
+    from model import positions_and_mask
     cfg, (B, T) = model.config, idx.shape
     nh, hd, C = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
-    import model as M
-    pos, bool_mask = M.positions_and_mask(mask, T + new_tokens)
+    pos, bool_mask = positions_and_mask(mask, T + new_tokens)
     caches = model._new_cache(B, T + new_tokens)
-    logits = model._next_logits(idx, pos, bool_mask, caches, 0)
+    logits = model._next_logits(idx, pos, bool_mask, caches, 0)                # the prompt, as generate does
     blocks = [(b.norm1, b.attn.qkv, b.attn.proj, b.norm2, b.mlp.fc, b.mlp.proj) for b in model.blocks]
-    F = torch.nn.functional
     for t in range(new_tokens - 1):
         top, index = logits.topk(top_k, dim=-1)
         p = top.softmax(-1)
