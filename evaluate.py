@@ -94,12 +94,18 @@ def end_torn_line(f, path):
                 f.write("\n")
 
 
-def write_jsonl_atomic(path, rows):
+def write_atomic(path, text):
+    """Write to a temp file beside path, then rename: a crash never leaves a half-written result."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, rows):
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -511,8 +517,7 @@ def judge(args):
     write_jsonl_atomic(args.out, records)
     summary = summarize([r["verdict"] for r in records], choices[0::2])
     summary.update(generations=args.generations, config=rows[0].get("config") if rows else None)
-    with open(args.out + ".summary.json", "w") as f:
-        json.dump(summary, f)
+    write_atomic(args.out + ".summary.json", json.dumps(summary))
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -711,8 +716,7 @@ def mauve_cmd(args):
                           kmeans_max_iter=args.kmeans_max_iter, seed=args.seed)
     result = {"mauve": score, "n_p": len(p), "n_q": len(q), "p": args.p or args.p_text, "q": args.q or args.q_text}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f)
+        write_atomic(args.out, json.dumps(result))
     print(json.dumps(result), flush=True)
     return result
 
@@ -758,8 +762,7 @@ def report(args):
         lines.append(f"| {method} | {'-' if alpha is None else f'{alpha:g}'} | {decoding} | {win} | "
                      f"{j['n'] if j else '-'} | {'-' if m is None else f'{m:.3f}'} |")
     table = "\n".join(lines)
-    with open(os.path.join(args.run_dir, "report.md"), "w") as f:
-        f.write(table + "\n")
+    write_atomic(os.path.join(args.run_dir, "report.md"), table + "\n")
     print(table)
     plot_alpha_sweep(rows, os.path.join(args.run_dir, "win_rate_vs_alpha.png"))
     return table
@@ -839,9 +842,7 @@ def miniature_score(model_dir, ref_dir, examples, out_path):
     texts = [e.prompt + new_text(tok, g) for e, g in zip(examples, gens)] + [e.prompt + e.response for e in examples]
     feats = featurize(texts, ref_dir, batch_size=128)
     scores["mauve"] = compute_mauve(feats[:len(examples)], feats[len(examples):])
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(scores, f)
-    os.replace(out_path + ".tmp", out_path)
+    write_atomic(out_path, json.dumps(scores))
     return scores
 
 
@@ -923,12 +924,24 @@ def results_table(results, names, seeds):
     lines = ["| method | " + " | ".join(METRICS) + " | exact match vs MLE | MAUVE vs MLE |",
              "|---|" + "---|" * (len(METRICS) + 2)]
     for name in names:
-        per = {k: [results[(s, name)][k] for s in seeds] for k in METRICS}
-        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread(per[k]) for k in METRICS)]
         vs = ["-", "-"] if name in ("mle", "ref") else [
-            verdict(per[k], [results[(s, "mle")][k] for s in seeds]) for k in ("exact_match", "mauve")]
-        lines.append(f"| {name} | " + " | ".join(cells + vs) + " |")
+            verdict([results[(s, name)][k] for s in seeds], [results[(s, "mle")][k] for s in seeds])
+            for k in ("exact_match", "mauve")]
+        lines.append(f"| {name} | " + " | ".join(spread_cells(results, name, seeds) + vs) + " |")
     return "\n".join(lines)
+
+
+def alpha_table(results, best, alphas, seeds):
+    """Markdown: the alpha sweep of the best CPO variant, one row per alpha, then MLE continued (alpha 1)."""
+    lines = ["| alpha (weight of MLE) | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for label, name in [(f"{a:g}", f"{best}@{a:g}") for a in alphas] + [("1 (MLE continued)", "mle")]:
+        lines.append(f"| {label} | " + " | ".join(spread_cells(results, name, seeds)) + " |")
+    return "\n".join(lines)
+
+
+def spread_cells(results, name, seeds):
+    """One run name's metrics as 'mean ± std' over seeds, in METRICS order."""
+    return [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, name)][k] for s in seeds]) for k in METRICS)]
 
 
 def miniature(args):
@@ -996,25 +1009,17 @@ def miniature(args):
               f"{experiment['n_eval']} held-out prompts. Cells: mean ± standard deviation over seeds. "
               f"win/loss: the difference of means exceeds the larger of the two standard deviations; else tie.")
     table = results_table(results, ["ref"] + continued, seeds)
-    rows = ["| alpha (weight of MLE) | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for a in alphas:
-        cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, f'{best}@{a:g}')][k] for s in seeds]) for k in METRICS)]
-        rows.append(f"| {a:g} | " + " | ".join(cells) + " |")
-    cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, 'mle')][k] for s in seeds]) for k in METRICS)]
-    rows.append("| 1 (MLE continued) | " + " | ".join(cells) + " |")
-    alpha_table = "\n".join(rows)
+    alphas_md = alpha_table(results, best, alphas, seeds)
     alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(header + "\n\n" + table + "\n")
-    with open(os.path.join(args.out, "alpha.md"), "w") as f:
-        f.write(alpha_header + "\n\n" + alpha_table + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({f"{s}/{n}": r for (s, n), r in results.items()}, f, indent=1)
+    write_atomic(os.path.join(args.out, "results.md"), header + "\n\n" + table + "\n")
+    write_atomic(os.path.join(args.out, "alpha.md"), alpha_header + "\n\n" + alphas_md + "\n")
+    write_atomic(os.path.join(args.out, "results.json"),
+                 json.dumps({f"{s}/{n}": r for (s, n), r in results.items()}, indent=1))
     plot_miniature_alpha(results, best, alphas, seeds, os.path.join(args.out, "alpha.png"))
-    print(header + "\n\n" + table + "\n\n" + alpha_header + "\n\n" + alpha_table, flush=True)
+    print(header + "\n\n" + table + "\n\n" + alpha_header + "\n\n" + alphas_md, flush=True)
     log(f"miniature: done in {(time.time() - t0) / 60:.1f} min; {args.out}/results.md, {args.out}/alpha.md")
-    return table, alpha_table
+    return table, alphas_md
 
 
 def plot_miniature_alpha(results, best, alphas, seeds, path):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from data import pad_right
+from evaluate import write_atomic  # torch-free, so evaluate's judge can share it
 from model import left_pad
 
 KINDS = ("an", "bn", "mn", "tn")
@@ -275,16 +276,6 @@ def _from_cache(an_cache, example_id, n):
 
 def shard_path(out_dir, i):
     return os.path.join(out_dir, f"shard-{i:05d}.jsonl")
-
-
-def write_atomic(path, text):
-    """Write to a temp file beside path, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_an_cache(out_dir):

@@ -270,8 +270,8 @@ def cpo_objective(cfg, policy, ref, examples, ctx, micro_id):
     keep = valid[:, 1:].any(1)  # (B,), on the CPU: no sync
     if not keep.any():
         return 0.0 * policy_logps.sum(), {"tokens": ids.numel()}
-    device = ctx["device"]
-    loss, metrics = cpo.cpo_loss(policy_logps[keep.to(device)], ref_logps[keep.to(device)], beta=cfg.beta, ranked=cfg.ranked,
+    device, kept = ctx["device"], keep.to(ctx["device"])
+    loss, metrics = cpo.cpo_loss(policy_logps[kept], ref_logps[kept], beta=cfg.beta, ranked=cfg.ranked,
                                  valid=valid[keep].to(device), mle_weight=cfg.mle_weight,
                                  gt_tokens=mask[keep, 0].sum(-1).to(device))
     return loss * int(keep.sum()), {**metrics, "tokens": ids.numel()}
@@ -469,8 +469,7 @@ def train(cfg):
         log(f"resumed from {path} at step {start}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+        evaluate.write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
     log(f"config: {json.dumps(asdict(cfg))}")
     log(f"{cfg.objective} on {cfg.task}: {len(train_set)} training examples, {world} rank(s) x {accum} micro-steps x "
         f"{cfg.micro_batch_size} = global batch {cfg.batch_size}, device {device}, {'bf16 autocast' if use_bf16 else 'float32'}")
