@@ -7,10 +7,19 @@ Every number printed is a ratio against that baseline, so the machine's speed ca
     python bench.py negatives   # autoregressive-negative throughput vs transformers' sampling
     python bench.py train       # one CPO step (K = 12) vs one MLE step
 """
+import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
+
+import negatives
+from hf import config_from_hf, from_hf_state_dict, save_pretrained
+from model import ModelConfig, Transformer, left_pad, positions_and_mask, prefill
 
 
 def timeit(fn, warmup=1, repeat=3):
@@ -43,15 +52,12 @@ def bench_model():
     """GPT-2-small-shaped random model, CPU float32: ours vs transformers on the same weights, same process.
     forward+backward (8 x 256 tokens, cross-entropy) and greedy decoding (64 new tokens) at batch 1 and 8;
     batch-1 decoding against the weights-read bound (parameter bytes / measured memory bandwidth)."""
-    import os
-    import torch.nn.functional as F
-    import transformers
-    from model import ModelConfig, Transformer, from_hf_state_dict
+    import transformers  # only the benchmarks need it
     # no dropout in either model; no EOS, so both decode all 64 tokens
     hf_cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                      bos_token_id=None, eos_token_id=None)
     hf = transformers.GPT2LMHeadModel(hf_cfg)
-    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    cfg = config_from_hf(hf_cfg.to_dict())
     ours = Transformer(cfg)
     ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
     V, n_new = cfg.vocab_size, 64
@@ -119,8 +125,8 @@ def _loss_worker(path, N=12, T=512, V=50257, C=768):
     labels, mask = torch.randint(V, (N, T)), torch.ones(N, T, dtype=torch.bool)  # every position scored
     paths = {
         "naive": lambda x: (x.float().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1) * mask).sum(-1),
-        "chunked": lambda x: cpo.sequence_logprobs(x, labels, mask),
-        "inplace": lambda x: cpo.sequence_logprobs(x, labels, mask, inplace_backward=True),
+        "chunked": lambda x: cpo.sequence_logprobs_chunked(x, labels, mask),
+        "inplace": lambda x: cpo.sequence_logprobs_chunked(x, labels, mask, inplace_backward=True),
         "hidden": lambda h, w: cpo.sequence_logprobs_from_hidden(h, w, labels, mask),
     }
 
@@ -150,9 +156,7 @@ def _loss_worker(path, N=12, T=512, V=50257, C=768):
 
 def bench_loss():
     """Peak memory and time of forward+backward of the three log-prob paths vs naive log_softmax+gather."""
-    import os
-    import subprocess
-    rows = [("naive", "naive log_softmax + gather"), ("chunked", "chunked logits (cpo.sequence_logprobs)"),
+    rows = [("naive", "naive log_softmax + gather"), ("chunked", "chunked logits (cpo.sequence_logprobs_chunked)"),
             ("inplace", "chunked logits, inplace_backward=True"), ("hidden", "hidden states, C=768 (from_hidden)")]
     here = os.path.dirname(os.path.abspath(__file__))
     print("log-prob paths, forward+backward of sum(log p): N=12 x T=512 x V=50257, float32, CPU, every position")
@@ -179,13 +183,10 @@ def _bare_sampling_loop(model, idx, mask, new_tokens, top_k, generator):
     layer norm, SDPA, gelu, top-k and an exponential race) called in one flat loop, with no modules, no
     checks and no end-of-sequence bookkeeping. If generate is as fast as this, what is left to gain is in
     the kernels themselves, not in Python."""
-    import torch.nn.functional as F
-    from model import positions_and_mask
     cfg, (B, T) = model.config, idx.shape
-    nh, hd, C = cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_embd
+    nh, hd, C = cfg.n_head, cfg.head_dim, cfg.n_embd
     pos, bool_mask = positions_and_mask(mask, T + new_tokens)
-    caches = model._new_cache(B, T + new_tokens)
-    logits = model._next_logits(idx, pos, bool_mask, caches, 0)                # the prompt, as generate does
+    logits, caches = prefill(model, idx, pos, bool_mask)                       # the prompt, as generate does
     blocks = [(b.norm1, b.attn.qkv, b.attn.proj, b.norm2, b.mlp.fc, b.mlp.proj) for b in model.blocks]
     for t in range(new_tokens - 1):
         top, index = logits.topk(top_k, dim=-1)
@@ -212,20 +213,17 @@ def bench_negatives(B=32, new_tokens=64, top_k=50):
     The model has the shape of config/default.py's CPU model (GPT-2, 4 x 128, byte vocabulary), with
     room for 24 + 64 positions. One thread: a batch-32 decoding step of this size is too small to split
     (with two threads on a busy 2-core machine, both sides slow down ~10x and the ratio is noise)."""
-    import tempfile
-    import transformers
-    import model as M
-    import negatives
-    cfg = M.ModelConfig(vocab_size=257, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, n_inner=512,
-                        max_seq_len=128, bos_id=None, eos_id=256)
-    ours = M.Transformer(cfg).eval()
+    import transformers  # only the benchmarks need it
+    cfg = ModelConfig(vocab_size=257, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, n_inner=512,
+                      max_seq_len=128, bos_id=None, eos_id=256)
+    ours = Transformer(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_pretrained(ours, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (int(torch.randint(8, 25, (1,), generator=g)),), generator=g).tolist()
                for _ in range(B)]  # 8..24 tokens: left padding matters
-    idx, mask = M.left_pad(prompts, cfg.eos_id)
+    idx, mask = left_pad(prompts, cfg.eos_id)
 
     def run_ours():
         negatives.autoregressive_negatives(ours, prompts, 1, top_k=top_k, max_new_tokens=new_tokens,
@@ -263,32 +261,31 @@ def _train_worker(mode, B=16):
     synthetic examples: 'mle' on the B*K sequences of a CPO batch, or 'cpo' (MixNR, K = 12) with the
     reference log-probs computed in the step or already cached. Prints 'peak_MB seconds'."""
     import data
-    import negatives
     import train
     torch.manual_seed(0)
     cfg = train.Config(objective="mle" if mode == "mle" else "cpo", negatives="bn:3,mn:5,tn:3", ranked=True)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=B, seed=0)
-    ctx = dict(device=torch.device("cpu"), rank=0, autocast=torch.autocast("cpu", enabled=False), pad_id=tok.pad_id,
-               eos_id=tok.eos_id, ref_cache=None if mode == "cpo_computed" else {}, an_cache=None)
+    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id,
+                       ref_cache=None if mode == "cpo_computed" else {})
     ids, mask, _ = negatives.build_cpo_batch(examples, cfg.negatives, ref, tok.pad_id, tok.eos_id,
                                              generator=torch.Generator().manual_seed(0), ranked=True)
     ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)  # (B*K, T): the MLE step sees the same sequences
-    optimizer = train.make_optimizer(policy, cfg, ctx["device"])
+    optimizer = train.make_optimizer(policy, cfg, rt.device)
 
     def step():
         if mode == "mle":
             loss = -train.sequence_logps(policy, ids, mask).sum() / mask[:, 1:].sum()
         else:
-            loss = train.cpo_objective(cfg, policy, ref, examples, ctx, (0, 0))[0] / B
+            loss = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))[0] / B
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     base = _reset_peak_rss()  # before any forward pass: later steps reuse memory the first one made resident
     if mode == "cpo_cached":  # the negatives are fixed, so a run scores each sequence under pi_ref once
-        train.reference_logps(ref, ids, mask, ctx["ref_cache"], ctx["device"], ctx["autocast"])
+        train.reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast)
     secs = timeit(step, warmup=1, repeat=3)
     print(f"{_rss_mb('VmHWM') - base:.1f} {secs:.3f}")
 
@@ -296,8 +293,6 @@ def _train_worker(mode, B=16):
 def bench_train():
     """A CPO step (K = 12, MixNR) with the reference's log-probs cached or computed, against an MLE step
     on the same B*K sequences: time and peak memory, each in a fresh process."""
-    import os
-    import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     print("one step (forward, backward, AdamW) of the default CPU model (4 x 128, byte vocabulary), 16 synthetic")
     print("examples x K = 12 sequences, float32; peak = growth of resident memory from before the first step")
@@ -316,9 +311,11 @@ def bench_train():
 
 if __name__ == "__main__":
     benches = {name[len("bench_"):]: fn for name, fn in globals().items() if name.startswith("bench_")}
-    which = sys.argv[1:] or list(benches)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="*", metavar="BENCH", help=f"{' | '.join(benches)} (default: all)")
+    which = parser.parse_args().which or list(benches)
     for name in which:
         if name not in benches:
-            sys.exit(f"unknown benchmark {name!r}; choose from {', '.join(benches)}")
+            parser.error(f"unknown benchmark {name!r}; choose from {', '.join(benches)}")
         torch.manual_seed(0)
         benches[name]()

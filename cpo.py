@@ -26,17 +26,104 @@ Usage in any training loop (batch of B prompts x K continuations, flattened to N
     loss, metrics = cpo.cpo_loss(logps, ref_logps, beta=5.0, ranked=True, valid=valid)
     loss.backward()
 
-If the model can hand back its final hidden states, sequence_logprobs_from_hidden(hidden,
-lm_head.weight, labels, mask) gives the same numbers without ever building the (N, T, V) logits.
+The file reads in that order: the losses (cpo_loss, dpo_loss, mle_loss), then sequence_logprobs, the
+4-line definition of log pi(y|x), then two fast paths that compute the same numbers with far less memory:
+sequence_logprobs_chunked (a chunked softmax over the logits) and sequence_logprobs_from_hidden (straight
+from the final hidden states and lm_head.weight: the (N, T, V) logits never exist; train.py uses it).
 """
 import torch
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------- sequence log-probs
 
 def _acc(dtype):
     """The dtype we compute in: float32, or float64 for float64 inputs (bf16/fp16 are upcast)."""
     return torch.promote_types(dtype, torch.float32)
+
+# ----------------------------------------------------------------------------- losses
+
+def cpo_loss(policy_logps, ref_logps, beta=5.0, ranked=False, valid=None, mle_weight=0.0, gt_tokens=None):
+    """
+    CPO loss: eq. (1), or with ranked=True the Plackett-Luce eq. (2).
+    policy_logps, ref_logps (B, K): log pi(y|x) of each sequence, column 0 the ground truth y_1, then the
+    negatives (for eq. (2) in ranking order, best first). valid (B, K) bool, default all True: False columns
+    are left out of every sum and get zero gradient. The caller guarantees valid[:, 0] and at least one
+    valid negative per row; NaN in a valid column gives a NaN loss (train.py stops on it).
+    mle_weight = alpha > 0: alpha * L_MLE + L_CPO, L_MLE = -sum_b policy_logps[b, 0] / sum_b gt_tokens[b],
+    the ground truths' mean token NLL (= mle_loss); gt_tokens (B,) their token counts.
+    Math in float32 (float64 stays float64). Returns (loss, metrics): detached 0-dim tensors reward_accuracy
+    (r(y_1) beats every valid negative), reward_margin (r(y_1) - mean valid negative), reward_chosen,
+    reward_rejected (batch means), and cpo_loss, mle_loss when mle_weight > 0.
+    """
+    if policy_logps.dim() != 2 or policy_logps.shape != ref_logps.shape or policy_logps.shape[1] < 2:
+        raise ValueError(f"policy_logps and ref_logps must both be (B, K) with K >= 2; got "
+                         f"{tuple(policy_logps.shape)} and {tuple(ref_logps.shape)}")
+    B, K = policy_logps.shape
+    valid = torch.ones_like(policy_logps, dtype=torch.bool) if valid is None else valid
+    assert valid.shape == (B, K) and valid.dtype == torch.bool, "valid must be a (B, K) bool tensor"
+    assert not mle_weight or gt_tokens is not None and gt_tokens.shape == (B,), "mle_weight > 0 needs gt_tokens (B,)"
+    policy_logps, ref_logps = policy_logps.to(_acc(policy_logps.dtype)), ref_logps.to(_acc(ref_logps.dtype))
+    r = beta * (policy_logps - ref_logps)  # (B, K) rewards r(y) = beta * log pi_theta(y|x) / pi_ref(y|x)
+    r = r.masked_fill(~valid, 0)  # invalid columns: a finite stand-in, masked out below
+    if ranked:  # eq. (2): sum_k [ r_k - log sum_{j >= k, valid} exp r_j ], row k never empty (j = k)
+        later = torch.ones(K, K, dtype=torch.bool, device=r.device).triu()  # later[k, j]: j >= k
+        keep = later & valid[:, None, :] | torch.eye(K, dtype=torch.bool, device=r.device)  # (B, K, K)
+        lse = r[:, None, :].masked_fill(~keep, float("-inf")).logsumexp(-1)  # (B, K)
+        loss = -torch.where(valid, r - lse, 0).sum(-1).mean()
+    else:  # eq. (1): r_1 - log sum_{j valid} exp r_j, a log-softmax taken at the ground truth
+        loss = -(r[:, 0] - r.masked_fill(~valid, float("-inf")).logsumexp(-1)).mean()
+    metrics = _reward_metrics(r.detach(), valid)
+    if mle_weight:  # the paper's mixed objective alpha * L_MLE + L_CPO
+        mle = -policy_logps[:, 0].sum() / gt_tokens.sum()
+        metrics.update(cpo_loss=loss.detach(), mle_loss=mle.detach())
+        loss = loss + mle_weight * mle
+    return loss, metrics
+
+
+def _reward_metrics(r, valid):
+    """r (B, K) rewards (column 0 the ground truth), valid (B, K) -> dict of detached 0-dim tensors."""
+    neg = valid[:, 1:]
+    rejected = (r[:, 1:] * neg).sum(-1) / neg.sum(-1)  # (B,) mean valid negative
+    best_neg = r[:, 1:].masked_fill(~neg, float("-inf")).amax(-1)  # (B,)
+    return dict(reward_accuracy=(r[:, 0] > best_neg).float().mean(), reward_margin=(r[:, 0] - rejected).mean(),
+                reward_chosen=r[:, 0].mean(), reward_rejected=rejected.mean())
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """
+    DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * ((pc - rc) - (pr - rr))), mean over the batch; the
+    same values and gradients as TRL's default sigmoid loss, and eq. (1) = eq. (2) of CPO at K = 2.
+    All four (B,) sequence log-probs; float32 math. Returns (loss, metrics), cpo_loss's metric names.
+    """
+    pc, pr, rc, rr = (t.to(_acc(t.dtype)) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+    if pc.dim() != 1 or not pc.shape == pr.shape == rc.shape == rr.shape:
+        raise ValueError(f"dpo_loss needs four (B,) tensors; got {[tuple(t.shape) for t in (pc, pr, rc, rr)]}")
+    logits = (pc - rc) - (pr - rr)  # r(y_w) - r(y_l), over beta
+    loss = -F.logsigmoid(beta * logits).mean()
+    r = beta * torch.stack([pc - rc, pr - rr], 1).detach()  # (B, 2) rewards
+    return loss, _reward_metrics(r, torch.ones_like(r, dtype=torch.bool))
+
+
+def mle_loss(logits, labels, mask, chunk_size=128):
+    """L_MLE: the mean token NLL over the masked positions, -sum_t log p(labels) / #masked. Scalar float32."""
+    n_tokens = int(mask.sum())
+    if n_tokens == 0:
+        raise ValueError("mle_loss: mask selects no tokens")
+    return -sequence_logprobs_chunked(logits, labels, mask, chunk_size).sum() / n_tokens
+
+# ----------------------------------------------------------------------------- sequence log-probs: the definition
+
+def sequence_logprobs(logits, labels, mask):
+    """log pi(y|x) of eqs. (1), (2): the SUM of log p(labels[n, t]) over the positions where mask[n, t].
+    logits (N, T, V), logits[:, t] predicting labels[:, t] (callers shift); labels (N, T); mask (N, T) bool,
+    by position (an EOS equal to the pad id is still scored). Returns (N,) float32. Builds a float32
+    (N, T, V) log-softmax: the fast paths below compute the same numbers without it."""
+    logps = logits.log_softmax(-1, dtype=_acc(logits.dtype))  # (N, T, V)
+    token_logps = logps.gather(-1, labels.masked_fill(~mask, 0)[..., None]).squeeze(-1)  # (N, T)
+    return torch.where(mask, token_logps, 0).sum(-1)  # (N,); where, not *: an unscored -inf must not give NaN
+
+# ----------------------------------------------------------------------------- the fast paths, same numbers
+
+CHUNK_FLOATS = 2**21  # sequence_logprobs_from_hidden's default chunk: (2**21 // V, V) float32 logits, 8 MB
 
 
 def _check_labels(labels, mask, n_vocab):
@@ -91,16 +178,15 @@ class _LogprobsFromLogits(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def sequence_logprobs(logits, labels, mask, chunk_size=128, inplace_backward=False):
+def sequence_logprobs_chunked(logits, labels, mask, chunk_size=128, inplace_backward=False):
     """
-    Sum of log p(labels[n, t]) over the positions t where mask[n, t] is True: log pi(y|x) in eq. (1), (2).
-    logits (N, T, V) any float dtype, logits[:, t] predicting labels[:, t] (callers shift);
-    labels (N, T) long; mask (N, T) bool, by position (an EOS equal to the pad id is still scored).
-    Returns (N,) float32 (float64 for float64 logits). Works chunk_size positions at a time, so no
-    float32 (N, T, V) tensor ever exists, and recomputes each chunk's softmax in the backward. The
-    gradient wrt logits is one (N, T, V) tensor in logits' dtype; inplace_backward=True writes it into
+    sequence_logprobs(logits, labels, mask), the same numbers, chunk_size positions at a time: no float32
+    (N, T, V) tensor ever exists, and the backward recomputes each chunk's softmax. Labels at unscored
+    positions may be anything (-100 style padding is fine); scored ones must lie in [0, V) (checked: one
+    GPU->CPU sync, far better than a device-side assert). Returns (N,) float32 (float64 for float64 logits).
+    The gradient wrt logits is one (N, T, V) tensor in logits' dtype; inplace_backward=True writes it into
     the logits' own storage instead (they are garbage after backward; autograd raises if another graph
-    node saved them). NaN logits give NaN log-probs, which cpo_loss rejects.
+    node saved them).
     """
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
         raise ValueError(f"logits must be (N, T, V) matching labels (N, T); got {tuple(logits.shape)} "
@@ -157,7 +243,7 @@ def sequence_logprobs_from_hidden(hidden, weight, labels, mask, chunk_size=None)
     sequence_logprobs(hidden @ weight.T, labels, mask) without ever materialising the (N, T, V)
     logits: only the masked positions are gathered, and their logits made chunk_size tokens at a time
     (in autocast's dtype when it is on, as the lm_head would run; the softmax always in float32).
-    chunk_size None: 2**21 // V tokens, an 8 MB float32 chunk (41 tokens for GPT-2's vocabulary; a small
+    chunk_size None: CHUNK_FLOATS // V tokens, an 8 MB float32 chunk (41 tokens for GPT-2's vocabulary; a small
     vocabulary gets few, large chunks, since per-chunk overhead, not memory, is then what costs).
     hidden (N, T, C) final-normed hidden states; weight (V, C) the output matrix (lm_head.weight).
     Returns (N,) float32, differentiable wrt hidden and weight: the chunked backward remakes each
@@ -166,95 +252,5 @@ def sequence_logprobs_from_hidden(hidden, weight, labels, mask, chunk_size=None)
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"hidden (N, T, C), weight (V, C) and labels (N, T) disagree: {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(labels.shape)}")
-    return _LogprobsFromHidden.apply(hidden, weight, labels, mask, chunk_size or max(1, 2**21 // weight.shape[0]))
-
-
-def mle_loss(logits, labels, mask, chunk_size=128):
-    """Mean token NLL over the masked positions (L_MLE): -sum_t log p(labels) / #masked. Scalar float32."""
-    n_tokens = int(mask.sum())
-    if n_tokens == 0:
-        raise ValueError("mle_loss: mask selects no tokens")
-    return -sequence_logprobs(logits, labels, mask, chunk_size).sum() / n_tokens
-
-# ----------------------------------------------------------------------------- losses
-
-def _check(*checks):
-    """checks: (0-dim bool tensor, message) pairs -> ValueError(message) for the first False one.
-    The flags are stacked on device and read back together: one GPU->CPU sync per call."""
-    for ok, (_, msg) in zip(torch.stack([c for c, _ in checks]).tolist(), checks):
-        if not ok:
-            raise ValueError(msg)
-
-
-def cpo_loss(policy_logps, ref_logps, beta=5.0, ranked=False, valid=None, mle_weight=0.0, gt_tokens=None):
-    """
-    CPO loss, eq. (1) (ranked=False) or the ranked Plackett-Luce eq. (2) (ranked=True).
-    policy_logps, ref_logps (B, K): sequence log-probs, column 0 the ground truth, the negatives after
-    it (for eq. (2) already sorted best first). valid (B, K) bool (default all True): False columns are
-    left out of every sum (zero gradient); valid[:, 0] must be True and every row needs >= 1 negative.
-    mle_weight = alpha > 0 returns alpha * L_MLE + L_CPO, with L_MLE = -sum_b policy_logps[b, 0] /
-    sum_b gt_tokens[b] the ground truths' mean token NLL (= mle_loss), gt_tokens (B,) their token counts.
-    Math in float32 (bf16 in is fine). Validation costs one GPU->CPU sync.
-    Returns (loss scalar, metrics): detached 0-dim tensors reward_accuracy (r(y_1) beats every valid
-    negative), reward_margin (r(y_1) - mean valid negative), reward_chosen, reward_rejected (batch means).
-    """
-    if policy_logps.dim() != 2 or policy_logps.shape != ref_logps.shape:
-        raise ValueError(f"policy_logps and ref_logps must both be (B, K); got {tuple(policy_logps.shape)} "
-                         f"and {tuple(ref_logps.shape)}")
-    B, K = policy_logps.shape
-    if K < 2:
-        raise ValueError(f"need K >= 2 columns (ground truth + negatives); got K = {K}")
-    valid = torch.ones_like(policy_logps, dtype=torch.bool) if valid is None else valid
-    if valid.shape != (B, K) or valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a (B, K) = {(B, K)} bool tensor; got {tuple(valid.shape)} {valid.dtype}")
-    if mle_weight and (gt_tokens is None or gt_tokens.shape != (B,)):
-        raise ValueError("mle_weight > 0 needs gt_tokens, the (B,) token counts of the ground truths")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0; got {beta}")
-    policy_logps, ref_logps = policy_logps.to(_acc(policy_logps.dtype)), ref_logps.to(_acc(ref_logps.dtype))
-    with torch.no_grad():
-        _check((valid[:, 0].all(), "valid[:, 0] must be True: column 0 is the ground truth"),
-               (valid[:, 1:].any(1).all(), "every example needs at least one valid negative"),
-               ((policy_logps.isfinite() & ref_logps.isfinite() | ~valid).all(),
-                "policy_logps / ref_logps have NaN or inf in valid columns"))
-    r = beta * (policy_logps - ref_logps)  # (B, K) rewards
-    r = r.masked_fill(~valid, 0)  # invalid columns: a finite stand-in, masked out below
-    if ranked:  # eq. (2): term k is r_k - logsumexp over the valid j >= k (j = k always, so no empty row)
-        later = torch.ones(K, K, dtype=torch.bool, device=r.device).triu()  # later[k, j]: j >= k
-        keep = later & valid[:, None, :] | torch.eye(K, dtype=torch.bool, device=r.device)  # (B, K, K)
-        lse = r[:, None, :].masked_fill(~keep, float("-inf")).logsumexp(-1)  # (B, K)
-        loss = -torch.where(valid, r - lse, 0).sum(-1).mean()
-    else:  # eq. (1): log softmax over the valid columns, taken at the ground truth
-        loss = -(r[:, 0] - r.masked_fill(~valid, float("-inf")).logsumexp(-1)).mean()
-    metrics = _reward_metrics(r.detach(), valid)
-    if mle_weight:
-        mle = -policy_logps[:, 0].sum() / gt_tokens.sum()
-        metrics.update(cpo_loss=loss.detach(), mle_loss=mle.detach())
-        loss = loss + mle_weight * mle
-    return loss, metrics
-
-
-def _reward_metrics(r, valid):
-    """r (B, K) rewards (column 0 the ground truth), valid (B, K) -> dict of detached 0-dim tensors."""
-    neg = valid[:, 1:]
-    rejected = (r[:, 1:] * neg).sum(-1) / neg.sum(-1)  # (B,) mean valid negative
-    best_neg = r[:, 1:].masked_fill(~neg, float("-inf")).amax(-1)  # (B,)
-    return dict(reward_accuracy=(r[:, 0] > best_neg).float().mean(), reward_margin=(r[:, 0] - rejected).mean(),
-                reward_chosen=r[:, 0].mean(), reward_rejected=rejected.mean())
-
-
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    """
-    DPO (Bradley-Terry) loss: -logsigmoid(beta * ((pc - rc) - (pr - rr))), mean over the batch; the same
-    values and gradients as TRL's default sigmoid loss. All four (B,) sequence log-probs; float32 math.
-    Returns (loss, metrics) with the same metric names as cpo_loss (one negative per example).
-    """
-    x = [t.to(_acc(t.dtype)) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
-    if any(t.dim() != 1 or t.shape != x[0].shape for t in x):
-        raise ValueError(f"dpo_loss needs four (B,) tensors; got {[tuple(t.shape) for t in x]}")
-    with torch.no_grad():
-        _check((torch.stack(x).isfinite().all(), "dpo_loss inputs have NaN or inf"))
-    pc, pr, rc, rr = x
-    loss = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
-    r = beta * torch.stack([pc - rc, pr - rr], 1).detach()  # (B, 2) rewards
-    return loss, _reward_metrics(r, torch.ones_like(r, dtype=torch.bool))
+    chunk_size = chunk_size or max(1, CHUNK_FLOATS // weight.shape[0])
+    return _LogprobsFromHidden.apply(hidden, weight, labels, mask, chunk_size)

@@ -1,26 +1,31 @@
 """
 Data for nanoCPO: every task becomes a list of Examples, each a prompt and a continuation in tokens.
 
-    from data import load_task, collate, score_synthetic
+    from data import load_task, collate, global_batch, score_synthetic
     train = load_task("synthetic", "train", tok, max_len=48)                # built-in task, from a seed
     dolly = load_task("dolly", "test", tok, max_len=1024)                   # the paper's 7506 test rows
     wiki  = load_task("wiki:wiki.jsonl", "all", tok, max_len=1024)          # 15% prefix -> 85% continuation
     mine  = load_task("jsonl:https://host/pairs.jsonl", "train", tok, 512)  # {"prompt", "response"[, "id"]}
     input_ids, cont_mask = collate(train[:64], pad_id=tok.pad_id)          # (N, T) Long, (N, T) bool
+    indices = global_batch(step, len(train), batch_size=64, seed=0)  # the examples of step `step`, any rank
 
 The sequence convention shared by every file: prompt_ids starts with exactly one BOS iff
 tokenizer.bos_id is not None; continuation_ids ends with exactly one EOS. build_example() is the only
 place that adds them and the only place that truncates. Every loader prints one line of counts.
 """
+import functools
 import hashlib
-import json
 import os
 import random
 from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
+
+import common
+from common import cut_at_eos
 
 DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 SPLIT_SALT = "nanocpo-split-v1"  # part of every train/test split: changing it reshuffles them all
@@ -68,11 +73,19 @@ def build_example(id, prompt, response, prompt_body, response_body, tokenizer, m
         response_body = response_body[:max_len - 2]
         stats["continuations truncated"] += 1
     continuation = response_body + [tokenizer.eos_id]
-    room = max_len - len(continuation) - len(head)  # >= 0, and >= 1 when there is no BOS
-    if len(prompt_body) > room:
-        prompt_body = prompt_body[len(prompt_body) - room:]
+    prompt_ids, room = head + prompt_body, max_len - len(continuation)  # room >= 1 + len(head)
+    if len(prompt_ids) > room:
+        prompt_ids = cut_prompt_left(prompt_ids, room, keep_bos=bool(head))
         stats["prompts truncated"] += 1
-    return Example(str(id), prompt, response, head + prompt_body, continuation)
+    return Example(str(id), prompt, response, prompt_ids, continuation)
+
+
+def cut_prompt_left(ids, room, keep_bos=False):
+    """A prompt that fits in `room` tokens: cut from the LEFT, because a continuation depends most on the
+    prompt's end. keep_bos: ids[0] is a BOS that stays first (and counts in room). Short ones come back whole."""
+    if len(ids) <= room:
+        return list(ids)
+    return list(ids[:1]) * keep_bos + list(ids[len(ids) - room + keep_bos:])
 
 
 def encode_example(id, prompt, response, tokenizer, max_len, stats=None):
@@ -91,46 +104,34 @@ def report(name, examples, stats):
 # ----------------------------------------------------------------------------- sources and files
 
 def fetch(source, cache_dir=None):
-    """A local path as is; an http(s) URL downloaded once into cache_dir (default ~/.cache/nanocpo)."""
+    """A local path as is; an http(s) URL downloaded once into cache_dir (default common.cache_dir())."""
     url = urlparse(source)
     if url.scheme not in ("http", "https"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no such data file: {source}")
         return source
-    from model import download  # lazy: local files must not need model.py (streamed, resumable, atomic)
-    cache_dir = cache_dir or os.environ.get("NANOCPO_CACHE") or os.path.expanduser("~/.cache/nanocpo")
+    cache_dir = cache_dir or common.cache_dir()
     # the URL's hash keeps two files called data.jsonl apart; the basename keeps the extension (wiki reads it)
     dest = os.path.join(cache_dir, hashlib.sha256(source.encode()).hexdigest()[:12] + "-" +
                         (os.path.basename(url.path) or "data"))
     if not os.path.isfile(dest):  # download() renames into place at the end: a file that exists is complete
-        os.makedirs(cache_dir, exist_ok=True)
-        download(source, dest)
+        common.download(source, dest)
     return dest
 
 
 def read_jsonl(path, required, optional=()):
-    """The objects of a JSON-lines file (blank lines skipped), each field checked to be a string.
+    """The objects of a JSON-lines file (common.read_jsonl), each field checked to be a string.
     A malformed line is a ValueError naming it: "path:LINE: missing field 'response'"."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in required:
-                if key not in row:
-                    raise ValueError(f"{where}: missing field {key!r}")
-            for key in (*required, *optional):
-                if key in row and not isinstance(row[key], str):
-                    raise ValueError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
-            rows.append(row)
-    return rows
+    def check(row, where):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            if key not in row:
+                raise ValueError(f"{where}: missing field {key!r}")
+        for key in (*required, *optional):
+            if key in row and not isinstance(row[key], str):
+                raise ValueError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+    return common.read_jsonl(path, check=check)
 
 
 def split_indices(keys, split):
@@ -311,12 +312,6 @@ def synthetic_rejected(example):
     return ("b" if truth[0] == "a" else "a") + truth[1:]
 
 
-def cut_at_eos(ids, eos_id):
-    """Generated ids up to and including the first EOS; all of them if it never stopped."""
-    ids = list(ids)
-    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
-
-
 def exact_match(gen, ref, eos_id=None):
     """Right answer AND stopped right there. Token ids: gen as generated (cut at its first EOS when
     eos_id is given; padding after it ignored), ref = Example.continuation_ids. Or two plain strings."""
@@ -378,3 +373,23 @@ def pad_right(prompts, continuations, pad_id):
 def collate(examples, pad_id):
     """Examples -> their right-padded batch, (input_ids (N, T), cont_mask (N, T)); see pad_right."""
     return pad_right([e.prompt_ids for e in examples], [e.continuation_ids for e in examples], pad_id)
+
+# ----------------------------------------------------------------------------- data order: which examples each step sees
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def global_batch(step, n, batch_size, seed):
+    """Example indices of step `step`'s global batch: a fresh seeded permutation every epoch.
+    A pure function of (step, seed), so resuming needs only the step and any world size sees the same data."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [int(epoch_order(n, seed, pos // n)[pos % n]) for pos in positions]
+
+
+def micro_batches(indices, rank, world, micro):
+    """This rank's micro-batches. Micro-batch j = rank * accum + m: the same slices as one process with
+    world x the accumulation, so 1 and N ranks train on identical micro-batches (and the same BN negatives)."""
+    accum = len(indices) // (world * micro)
+    return [indices[(rank * accum + m) * micro:(rank * accum + m + 1) * micro] for m in range(accum)]

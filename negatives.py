@@ -1,5 +1,5 @@
 """
-Synthetic negatives for CPO (see PAPER.md, "Negatives"): the K-1 continuations that the ground truth
+Synthetic negatives for CPO (Feng et al. 2024, section 3): the K-1 continuations that the ground truth
 must beat. Four samplers, a spec string that mixes them, cosine ranking for the ranked loss (eq. 2),
 and an offline tool that precomputes the expensive autoregressive ones.
 
@@ -8,9 +8,10 @@ and an offline tool that precomputes the expensive autoregressive ones.
     mn  mean-field:     15% of the positions resampled from the model's conditionals (one forward)
     tn  truncation:     a random strict prefix of the ground truth, then EOS
 
-Every continuation (ground truth or negative) ends with exactly one EOS, as in contracts.md.
+Every continuation (ground truth or negative) ends with exactly one EOS, as data.py makes them.
+In one CPO step, train.py calls build_cpo_batch: it returns the (B, K, T) batch the model then scores.
 
-Offline AN cache, read back with load_an_cache(dir) -> {example id: [continuation ids, ...]}.
+Offline AN cache (write_an_negatives), read back with load_an_cache(dir) -> {example id: [continuation ids]}.
 Shards are written atomically; a rerun skips finished ones (resume after a crash, or --max-shards N
 to time-box a job); torchrun splits the shards over ranks with the same result as one process:
     python negatives.py --model out/sft --data dolly --split train --spec an:11 --out out/an
@@ -28,8 +29,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from data import pad_right
-from evaluate import write_atomic  # torch-free, so evaluate's judge can share it
+from common import cut_at_eos, read_jsonl, write_atomic
+from data import load_task, pad_right
+from hf import load
 from model import left_pad
 
 KINDS = ("an", "bn", "mn", "tn")
@@ -55,12 +57,14 @@ def parse_spec(spec):
 
 
 def make_generator(seed, *keys, device="cpu"):
-    """A torch.Generator seeded from (seed, *keys) by hashing: the stream for one example (or one shard)
-    depends only on its own keys, never on what other work shares the batch or the rank."""
-    digest = hashlib.sha256(repr((int(seed),) + tuple(str(k) for k in keys)).encode()).digest()
+    """The one way a random stream is seeded here. make_generator(seed): a torch.Generator seeded with seed.
+    make_generator(seed, *keys): seeded from a hash of (seed, *keys), so the stream for one example (or one
+    shard) depends only on its own keys, never on what other work shares the batch or the rank."""
     g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return g
+    if not keys:
+        return g.manual_seed(int(seed))
+    digest = hashlib.sha256(repr((int(seed),) + tuple(str(k) for k in keys)).encode()).digest()
+    return g.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def _per_row(generator, n_rows):
@@ -87,11 +91,10 @@ def evaluating(model):
 
 def end_with_eos(new_tokens, eos_id):
     """Generated ids -> a continuation ending with exactly one EOS. A row that stopped keeps everything
-    up to its first EOS. A row that ran out of max_new_tokens without EOS keeps its first
-    max_new_tokens-1 tokens plus EOS, so no AN continuation is ever longer than max_new_tokens."""
-    if eos_id in new_tokens:
-        return new_tokens[: new_tokens.index(eos_id) + 1]
-    return new_tokens[: max(len(new_tokens) - 1, 0)] + [eos_id]
+    up to its first EOS (common.cut_at_eos). A row that ran out of max_new_tokens without EOS keeps its
+    first max_new_tokens-1 tokens plus EOS, so no AN continuation is ever longer than max_new_tokens."""
+    ids = cut_at_eos(new_tokens, eos_id)
+    return ids if ids[-1:] == [eos_id] else ids[:max(len(ids) - 1, 0)] + [eos_id]
 
 
 def autoregressive_negatives(model, prompt_ids, n, top_k=50, max_new_tokens=128, eos_id=None,
@@ -288,11 +291,62 @@ def load_an_cache(out_dir):
                          f"{os.path.basename(shard_path(out_dir, missing[0]))}); rerun the tool to finish them")
     cache = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "shard-*.jsonl"))):
-        with open(path) as f:
-            for line in f:
-                row = json.loads(line)
-                cache[row["id"]] = row["negatives"]
+        cache.update((row["id"], row["negatives"]) for row in read_jsonl(path))
     return cache
+
+
+def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_tokens=256, top_k=50,
+                       batch_size=64, shard_size=256, seed=0, max_len=None, limit=None, max_shards=None, device=None):
+    """Sample AN negatives from `model` (an HF folder or hub name: the reference model) for the examples of
+    data.load_task(data, split) into out/: meta.json + shard-NNNNN.jsonl of {id, negatives: [[ids...], ...]}.
+    Shards already written are skipped (a rerun resumes; max_shards time-boxes one run); under torchrun
+    the ranks share the shards (i % world == rank), with the same samples as one process, since each
+    shard's stream is make_generator(seed, "an-shard", i). seed is also the synthetic task's, as train.py's.
+    max_len: load_task's (default the model's max_seq_len). ValueError if `out` holds other settings' shards."""
+    (kind, n), *rest = parse_spec(spec)
+    if kind != "an" or rest:
+        raise ValueError(f"spec must be an:N (bn/mn/tn are made on the fly in training), got {spec!r}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    net, tokenizer = load(model, device=device)
+    assert tokenizer is not None, f"{model} has no tokenizer files"
+    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else net.config.eos_id
+    examples = load_task(data, split, tokenizer, max_len or net.config.max_seq_len, n=limit, seed=seed)
+    num_shards = math.ceil(len(examples) / shard_size)
+
+    # the settings that decide the output; a rerun with other settings must not mix into these shards
+    meta = dict(model=model, data=data, split=split, spec=spec, seed=seed, max_new_tokens=max_new_tokens,
+                top_k=top_k, batch_size=batch_size, shard_size=shard_size, max_len=max_len, limit=limit,
+                num_examples=len(examples), num_shards=num_shards)
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+            raise ValueError(f"{out} holds shards made with other settings {diff}; use another --out")
+    else:
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")  # every rank writes the same bytes
+
+    mine = [i for i in range(num_shards) if i % world == rank]
+    todo = [i for i in mine if not os.path.exists(shard_path(out, i))][:max_shards]
+    print(f"rank {rank}/{world}: {len(examples)} examples, {num_shards} shards, {len(mine)} mine, "
+          f"{len(mine) - len(todo)} done already, {len(todo)} to do this run", flush=True)
+    t0, done = time.time(), 0
+    for j, i in enumerate(todo):
+        shard = examples[i * shard_size:(i + 1) * shard_size]
+        g = make_generator(seed, "an-shard", i, device=device)  # fixed shards: any world size, same samples
+        negs = autoregressive_negatives(net, [ex.prompt_ids for ex in shard], n, top_k=top_k,
+                                        max_new_tokens=max_new_tokens, eos_id=eos_id, generator=g,
+                                        batch_size=batch_size)
+        write_atomic(shard_path(out, i),
+                     "".join(json.dumps({"id": ex.id, "negatives": ng}) + "\n" for ex, ng in zip(shard, negs)))
+        done += len(shard)
+        rate = done / (time.time() - t0)
+        left = sum(len(examples[k * shard_size:(k + 1) * shard_size]) for k in todo[j + 1:])
+        print(f"rank {rank}: shard {i} written ({j + 1}/{len(todo)}), {rate:.1f} examples/s, "
+              f"ETA {left / rate:.0f}s", flush=True)
 
 
 def main(argv=None):
@@ -316,58 +370,16 @@ def main(argv=None):
                    "(a time-boxed job; rerun to go on)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     args = p.parse_args(argv)
-    (kind, n), *rest = parse_spec(args.spec)
-    if kind != "an" or rest:
-        p.error(f"--spec must be an:N (bn/mn/tn are made on the fly in training), got {args.spec!r}")
-    from model import load
-    from data import load_task
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    model, tokenizer = load(args.model, device=device)
-    assert tokenizer is not None, f"{args.model} has no tokenizer files"
-    eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_id
-    examples = load_task(args.data, args.split, tokenizer, args.max_len or model.config.max_seq_len, n=args.limit,
-                         seed=args.seed)
-    num_shards = math.ceil(len(examples) / args.shard_size)
-
-    # the settings that decide the output; a rerun with other settings must not mix into these shards
-    meta = dict(model=args.model, data=args.data, split=args.split, spec=args.spec, seed=args.seed,
-                max_new_tokens=args.max_new_tokens, top_k=args.top_k, batch_size=args.batch_size,
-                shard_size=args.shard_size, max_len=args.max_len, limit=args.limit,
-                num_examples=len(examples), num_shards=num_shards)
-    os.makedirs(args.out, exist_ok=True)
-    meta_path = os.path.join(args.out, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old != meta:
-            diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-            raise SystemExit(f"{args.out} holds shards made with other settings {diff}; use another --out")
-    else:
-        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")  # every rank writes the same bytes
-
-    mine = [i for i in range(num_shards) if i % world == rank]
-    todo = [i for i in mine if not os.path.exists(shard_path(args.out, i))][:args.max_shards]
-    print(f"rank {rank}/{world}: {len(examples)} examples, {num_shards} shards, {len(mine)} mine, "
-          f"{len(mine) - len(todo)} done already, {len(todo)} to do this run", flush=True)
-    t0, done = time.time(), 0
-    for j, i in enumerate(todo):
-        shard = examples[i * args.shard_size:(i + 1) * args.shard_size]
-        g = make_generator(args.seed, "an-shard", i, device=device)  # fixed shards: any world size, same samples
-        negs = autoregressive_negatives(model, [ex.prompt_ids for ex in shard], n, top_k=args.top_k,
-                                        max_new_tokens=args.max_new_tokens, eos_id=eos_id, generator=g,
-                                        batch_size=args.batch_size)
-        write_atomic(shard_path(args.out, i),
-                     "".join(json.dumps({"id": ex.id, "negatives": ng}) + "\n" for ex, ng in zip(shard, negs)))
-        done += len(shard)
-        rate = done / (time.time() - t0)
-        left = sum(len(examples[k * args.shard_size:(k + 1) * args.shard_size]) for k in todo[j + 1:])
-        print(f"rank {rank}: shard {i} written ({j + 1}/{len(todo)}), {rate:.1f} examples/s, "
-              f"ETA {left / rate:.0f}s", flush=True)
+        cuda = (args.device or "cuda").startswith("cuda") and torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    try:
+        write_an_negatives(args.model, args.data, args.out, args.split, args.spec, args.max_new_tokens, args.top_k,
+                           args.batch_size, args.shard_size, args.seed, args.max_len, args.limit, args.max_shards,
+                           args.device)
+    except ValueError as e:  # bad settings: one line that says what, not a traceback
+        raise SystemExit(f"negatives.py: {e}") from None
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

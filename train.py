@@ -10,26 +10,28 @@ Train a language model with MLE or with sequence-level Contrastive Preference Op
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=cpo --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 train.py config/dolly_gpt2xl_mixnr.py
 
-One CPO step, top to bottom (`train_step` below): take this rank's share of the global batch
-(data.py); give every example K-1 negatives (negatives.py); score all B*K sequences under the
-policy and the frozen reference (model.py, then cpo.sequence_logprobs_from_hidden); apply eq. (1),
-or eq. (2) with --ranked (cpo.cpo_loss); step AdamW.
+One CPO step, top to bottom, each function calling the next:
+  train_step                          this rank's micro-batches of the global batch; backward on each
+  cpo_objective                       one micro-batch of B examples
+  negatives.build_cpo_batch           each example's ground truth and K-1 negatives: (B, K, T) ids, masks
+  sequence_logps                      the model's forward pass to its final hidden states (model.py)
+  cpo.sequence_logprobs_from_hidden   log pi(y|x) of the B*K sequences, policy and (cached) reference
+  cpo.cpo_loss                        eq. (1), or eq. (2) with --ranked
+then train() clips the gradient norm and steps AdamW.
 """
 import argparse
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
-import random
 import runpy
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +42,11 @@ import cpo
 import data
 import evaluate
 import negatives
-from model import ModelConfig, Transformer, byte_tokenizer, load
+from checkpoint import barrier, checkpoints, restore_checkpoint, save_checkpoint
+from common import write_atomic
+from hf import load, save_pretrained
+from model import ModelConfig, Transformer
+from tokenizer import byte_tokenizer
 
 
 def opt(default, help):
@@ -122,13 +128,27 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("preset", nargs="?", default=None, help="a config/*.py preset (default: config/default.py)")
     for f in dataclasses.fields(Config):
-        kind = {bool: parse_bool, int: int, float: float, str: str}[f.type if isinstance(f.type, type) else eval(f.type)]
+        kind = {bool: parse_bool, int: int, float: float, str: str}[f.type]
         p.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper() if kind is not parse_bool else "BOOL",
                        nargs="?" if kind is parse_bool else None, const=True if kind is parse_bool else None,
                        help=f"{f.metadata['help']} (default: {f.default})")
     args = p.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
     return args.preset, flags
+
+
+@dataclass
+class Runtime:
+    """What the objectives need besides cfg, set up once per run (train() below): where and how to compute,
+    the tokenizer's ids, and the run's caches."""
+    device: torch.device
+    rank: int = 0
+    autocast: Any = field(default_factory=nullcontext)  # torch.autocast(...) under bf16, else a no-op
+    pad_id: int = 0
+    eos_id: int = 0
+    ref_cache: dict | None = field(default_factory=dict)  # sequence key -> log pi_ref (None: no cache)
+    an_cache: dict | None = None  # example id -> AN negatives (negatives.load_an_cache)
+    rejected: dict | None = None  # example id -> DPO's rejected Example (data.load_rejected)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -153,32 +173,6 @@ def all_sum(x):
     return x
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------- data order
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def global_batch(step, n, batch_size, seed):
-    """Example indices of step `step`'s global batch: a fresh seeded permutation every epoch.
-    A pure function of (step, seed), so resuming needs only the step and any world size sees the same data."""
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    return [int(epoch_order(n, seed, pos // n)[pos % n]) for pos in positions]
-
-
-def micro_batches(indices, rank, world, micro):
-    """This rank's micro-batches. Micro-batch j = rank * accum + m: the same slices as one process with
-    world x the accumulation, so 1 and N ranks train on identical micro-batches (and the same BN negatives)."""
-    accum = len(indices) // (world * micro)
-    return [indices[(rank * accum + m) * micro:(rank * accum + m + 1) * micro] for m in range(accum)]
-
-
 # ----------------------------------------------------------------------------- models
 
 def build_model(cfg):
@@ -189,7 +183,7 @@ def build_model(cfg):
     config = ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                          n_kv_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=4 * cfg.n_embd, max_seq_len=cfg.max_len,
                          norm_eps=1e-5, tie_word_embeddings=True, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the initial weights come from torch's global stream
     return Transformer(config), tok
 
 
@@ -241,61 +235,62 @@ def reference_logps(ref, ids, mask, cache, device, autocast):
 # global batch's units (examples for cpo/dpo, continuation tokens for mle/pss), so the gradient is the
 # same for any split into ranks and micro-steps.
 
-def mle_objective(cfg, policy, ref, examples, ctx, micro_id):
+def mle_objective(cfg, policy, ref, examples, rt, micro_id):
     """Next-token NLL of the continuation tokens."""
-    ids, mask = data.collate(examples, ctx["pad_id"])  # (B, T)
-    return -sequence_logps(policy, ids.to(ctx["device"]), mask.to(ctx["device"])).sum(), {"tokens": ids.numel()}
+    ids, mask = data.collate(examples, rt.pad_id)  # (B, T)
+    return -sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).sum(), {"tokens": ids.numel()}
 
 
-def score_sequences(policy, ref, ids, mask, ctx):
+def score_sequences(policy, ref, ids, mask, rt):
     """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors."""
     B, K, T = ids.shape
     ids, mask = ids.view(B * K, T), mask.view(B * K, T)
-    policy_logps = sequence_logps(policy, ids.to(ctx["device"]), mask.to(ctx["device"])).view(B, K)
-    ref_logps = reference_logps(ref, ids, mask, ctx["ref_cache"], ctx["device"], ctx["autocast"]).view(B, K)
+    policy_logps = sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).view(B, K)
+    ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast).view(B, K)
     if not torch.isfinite(policy_logps).all():  # the model diverged; the loop stops the run cleanly
         raise FloatingPointError("the policy's log-probs are NaN or inf")
     return policy_logps, ref_logps
 
 
-def cpo_objective(cfg, policy, ref, examples, ctx, micro_id):
+def cpo_objective(cfg, policy, ref, examples, rt, micro_id):
     """Eq. (1), or eq. (2) with cfg.ranked: each ground truth against its K-1 synthetic negatives."""
     ids, mask, valid = negatives.build_cpo_batch(
-        examples, cfg.negatives, ref, pad_id=ctx["pad_id"], eos_id=ctx["eos_id"],
-        generator=torch.Generator().manual_seed(cfg.seed),  # the same seed every step: fixed negatives
-        an_cache=ctx["an_cache"], ranked=cfg.ranked)  # (B, K, T), (B, K, T), (B, K); column 0 the ground truth
-    policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, ctx)
+        examples, cfg.negatives, ref, pad_id=rt.pad_id, eos_id=rt.eos_id,
+        generator=negatives.make_generator(cfg.seed),  # the same seed every step: fixed negatives
+        an_cache=rt.an_cache, ranked=cfg.ranked)  # (B, K, T), (B, K, T), (B, K); column 0 the ground truth
+    policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, rt)
     # An example all of whose negatives equal its ground truth (a good model's AN or MN samples of a short
     # answer can) has nothing to contrast: it sits out this step, adding zero to the summed loss.
     keep = valid[:, 1:].any(1)  # (B,), on the CPU: no sync
     if not keep.any():
         return 0.0 * policy_logps.sum(), {"tokens": ids.numel()}
-    device, kept = ctx["device"], keep.to(ctx["device"])
+    device, kept = rt.device, keep.to(rt.device)
     loss, metrics = cpo.cpo_loss(policy_logps[kept], ref_logps[kept], beta=cfg.beta, ranked=cfg.ranked,
                                  valid=valid[keep].to(device), mle_weight=cfg.mle_weight,
                                  gt_tokens=mask[keep, 0].sum(-1).to(device))
     return loss * int(keep.sum()), {**metrics, "tokens": ids.numel()}
 
 
-def dpo_objective(cfg, policy, ref, examples, ctx, micro_id):
+def dpo_objective(cfg, policy, ref, examples, rt, micro_id):
     """DPO's Bradley-Terry loss: the ground truth against one rejected response per prompt."""
-    rejected = [ctx["rejected"][e.id] for e in examples]
-    ids, mask = data.collate([e for pair in zip(examples, rejected) for e in pair], ctx["pad_id"])  # (2B, T)
-    policy_logps, ref_logps = score_sequences(policy, ref, ids.view(len(examples), 2, -1), mask.view(len(examples), 2, -1), ctx)
+    rejected = [rt.rejected[e.id] for e in examples]
+    ids, mask = data.collate([e for pair in zip(examples, rejected) for e in pair], rt.pad_id)  # (2B, T)
+    policy_logps, ref_logps = score_sequences(policy, ref, ids.view(len(examples), 2, -1), mask.view(len(examples), 2, -1), rt)
     loss, metrics = cpo.dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
     return loss * len(examples), {**metrics, "tokens": ids.numel()}
 
 
-def pss_objective(cfg, policy, ref, examples, ctx, micro_id):
+def pss_objective(cfg, policy, ref, examples, rt, micro_id):
     """Parallel scheduled sampling (Duckworth et al. 2019, "Parallel Scheduled Sampling"): a teacher-forced
     pass samples a token at every position; each continuation input token is replaced by its sample with
     probability p; a second pass on the mixed inputs is trained against the ground-truth targets."""
     step, j = micro_id
-    device = ctx["device"]
-    ids, mask = data.collate(examples, ctx["pad_id"])
+    device = rt.device
+    ids, mask = data.collate(examples, rt.pad_id)
     ids, mask = ids.repeat(cfg.pss_samples, 1).to(device), mask.repeat(cfg.pss_samples, 1).to(device)  # (S*B, T)
     p = cfg.pss_p * min(1.0, (step + 1) / cfg.pss_warmup_steps) if cfg.pss_warmup_steps else cfg.pss_p
-    gen = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([cfg.seed, step, j]).generate_state(1)[0]))
+    seed = int(np.random.SeedSequence([cfg.seed, step, j]).generate_state(1)[0])  # one stream per micro-batch
+    gen = negatives.make_generator(seed, device=device)
     with torch.no_grad():
         logits = unwrap(policy)(ids[:, :-1]).float()  # (N, T-1, V): logits[:, t] predicts token t+1
         samples = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=gen).view(ids.shape[0], -1)
@@ -335,58 +330,6 @@ def lr_at(step, cfg):
     return cfg.lr
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoints(out_dir):
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate()}
-
-
-def save_checkpoint(cfg, step, model, tok, optimizer, ref_cache, rank):
-    """Weights in HF format, optimizer, step (the data position), every rank's RNG and reference cache.
-    Written into ckpt-N.tmp and renamed only when complete, so a kill mid-write leaves the last one intact."""
-    final = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(os.path.join(tmp, "model"), tok)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}, os.path.join(tmp, "trainer.pt"))
-    barrier()
-    torch.save({"rng": rng_state(), "ref_cache": ref_cache}, os.path.join(tmp, f"rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(cfg.out_dir)[:-cfg.keep_last]:
-            shutil.rmtree(old)
-    barrier()
-    return final
-
-
-def restore_checkpoint(path, model, optimizer, rank):
-    """The inverse of save_checkpoint; returns (step, ref_cache). Resuming on more ranks than saved it
-    works, but the new ranks start with fresh RNG and an empty cache, so it is no longer bit-exact."""
-    weights, _ = load(os.path.join(path, "model"))
-    model.load_state_dict(weights.state_dict())
-    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
-    if not os.path.exists(os.path.join(path, f"rank{rank}.pt")):
-        print(f"rank {rank}: {path} has no rank{rank}.pt (saved by fewer ranks): fresh RNG and reference cache")
-        return trainer["step"], {}
-    mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
-    torch.set_rng_state(mine["rng"]["torch"])
-    if mine["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
-    random.setstate(mine["rng"]["python"])
-    return trainer["step"], mine["ref_cache"]
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -418,16 +361,16 @@ def peak_flops(device):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_step(cfg, policy, ref, micro, ctx, step, units, world):
+def train_step(cfg, policy, ref, micro, rt, step, units, world):
     """Forward and backward over this rank's micro-batches of one global batch (the optimizer steps
     outside). Returns the global sums of (loss, reward accuracy, reward margin), and the tokens this
     rank's policy processed."""
-    device, accum, rank = ctx["device"], len(micro), ctx["rank"]
+    device, accum, rank = rt.device, len(micro), rt.rank
     sums, tokens, zero = torch.zeros(3, device=device), 0, torch.zeros((), device=device)
     for m, examples in enumerate(micro):
         # DDP all-reduces the gradients on the last micro-step only, and must know it before the forward
-        with (policy.no_sync() if world > 1 and m < accum - 1 else nullcontext()), ctx["autocast"]:
-            loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, ctx, (step, rank * accum + m))
+        with (policy.no_sync() if world > 1 and m < accum - 1 else nullcontext()), rt.autocast:
+            loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, rt, (step, rank * accum + m))
         (loss_sum * world / units).backward()  # DDP averages over ranks: this makes it the global batch's mean
         sums += torch.stack([loss_sum.detach().float(), len(examples) * metrics.get("reward_accuracy", zero),
                              len(examples) * metrics.get("reward_margin", zero)])
@@ -458,18 +401,18 @@ def train(cfg):
     if ref is not None:
         ref.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    ctx = dict(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, ref_cache={},
-               an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
-               rejected=data.load_rejected(cfg.dpo_rejected, train_set, tok, cfg.max_len) if cfg.objective == "dpo" else None)
+    rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                 an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
+                 rejected=data.load_rejected(cfg.dpo_rejected, train_set, tok, cfg.max_len) if cfg.objective == "dpo" else None)
 
     start = 0
     if cfg.resume and checkpoints(cfg.out_dir):
         path = checkpoints(cfg.out_dir)[-1]
-        start, ctx["ref_cache"] = restore_checkpoint(path, model, optimizer, rank)
+        start, rt.ref_cache = restore_checkpoint(path, model, optimizer, rank)
         log(f"resumed from {path} at step {start}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        evaluate.write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
+        write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
     log(f"config: {json.dumps(asdict(cfg))}")
     log(f"{cfg.objective} on {cfg.task}: {len(train_set)} training examples, {world} rank(s) x {accum} micro-steps x "
         f"{cfg.micro_batch_size} = global batch {cfg.batch_size}, device {device}, {'bf16 autocast' if use_bf16 else 'float32'}")
@@ -485,11 +428,11 @@ def train(cfg):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = global_batch(step, len(train_set), cfg.batch_size, cfg.seed)
+        indices = data.global_batch(step, len(train_set), cfg.batch_size, cfg.seed)
         units = UNITS[cfg.objective](cfg, [train_set[i] for i in indices])  # examples or tokens in the global batch
-        micro = [[train_set[i] for i in chunk] for chunk in micro_batches(indices, rank, world, cfg.micro_batch_size)]
+        micro = [[train_set[i] for i in chunk] for chunk in data.micro_batches(indices, rank, world, cfg.micro_batch_size)]
         try:
-            sums, tokens = train_step(cfg, policy, ref, micro, ctx, step, units, world)
+            sums, tokens = train_step(cfg, policy, ref, micro, rt, step, units, world)
             loss = sums[0] / units
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss is {loss}")
@@ -515,11 +458,11 @@ def train(cfg):
         if master and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
             log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
-            log(f"saved {save_checkpoint(cfg, done, model, tok, optimizer, ctx['ref_cache'], rank)}")
+            log(f"saved {save_checkpoint(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
 
-    save_checkpoint(cfg, cfg.steps, model, tok, optimizer, ctx["ref_cache"], rank)
+    save_checkpoint(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
     if master:
-        model.save_pretrained(final_dir, tok)
+        save_pretrained(model, final_dir, tok)
         log(f"saved {final_dir}")
     barrier()
     return final_dir

@@ -1,4 +1,4 @@
-# The method in miniature, run by `python evaluate.py miniature` (not by train.py: the AN and DPO stages need
+# The method in miniature, run by `python miniature.py` (not by train.py: the AN and DPO stages need
 # files that command writes per seed). On the built-in synthetic task, per seed: the reference (MLE from
 # scratch), then from it, all for the same steps and batch: MLE continued, CPO with each negative type with
 # and without ranking, DPO and PSS. `config` and `stages` are train.py settings, as in config/default.py;

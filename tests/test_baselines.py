@@ -8,19 +8,20 @@ import torch
 import torch.nn.functional as F
 
 import data
+import hf
 import model as modeling
 import negatives
 import train
 from test_train import ROOT, hand_logp, tiny_config
+from tokenizer import byte_tokenizer
 
 
 def tiny_setup(objective, **overrides):
     cfg = tiny_config(objective=objective, **overrides)
     policy, tok = train.build_model(cfg)
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
-    ctx = dict(device=torch.device("cpu"), rank=0, autocast=torch.autocast("cpu", enabled=False), pad_id=tok.pad_id,
-               eos_id=tok.eos_id, ref_cache={}, an_cache=None)
-    return cfg, policy, tok, examples, ctx
+    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id)
+    return cfg, policy, tok, examples, rt
 
 
 def grads(model):
@@ -42,20 +43,20 @@ def write_rejected(path, rows):
 
 
 def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
-    cfg, policy, tok, examples, ctx = tiny_setup("dpo", beta=0.5)
+    cfg, policy, tok, examples, rt = tiny_setup("dpo", beta=0.5)
     ref = train.frozen_copy(policy)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     path = write_rejected(tmp_path / "rejected.jsonl", [{"id": e.id, "rejected": e.response[::-1] + "x"} for e in examples])
-    ctx["rejected"] = data.load_rejected(path, examples, tok, cfg.max_len)
-    loss_sum, _ = train.dpo_objective(cfg, policy, ref, examples, ctx, (0, 0))
+    rt.rejected = data.load_rejected(path, examples, tok, cfg.max_len)
+    loss_sum, _ = train.dpo_objective(cfg, policy, ref, examples, rt, (0, 0))
     (loss_sum / len(examples)).backward()
     ours = grads(policy)
 
     total = 0
     for e in examples:  # -log sigmoid(beta * ((pc - rc) - (pr - rr))), one example at a time
-        chosen, rejected = data.collate([e], tok.pad_id), data.collate([ctx["rejected"][e.id]], tok.pad_id)
+        chosen, rejected = data.collate([e], tok.pad_id), data.collate([rt.rejected[e.id]], tok.pad_id)
         pc, pr = hand_logp(policy, chosen[0][0], chosen[1][0]), hand_logp(policy, rejected[0][0], rejected[1][0])
         rc, rr = hand_logp(ref, chosen[0][0], chosen[1][0]).detach(), hand_logp(ref, rejected[0][0], rejected[1][0]).detach()
         total = total - F.logsigmoid(cfg.beta * ((pc - rc) - (pr - rr)))
@@ -64,7 +65,7 @@ def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
 
 
 def test_rejected_file_errors_name_file_and_line(tmp_path):
-    cfg, policy, tok, examples, ctx = tiny_setup("dpo")
+    cfg, policy, tok, examples, rt = tiny_setup("dpo")
     bad = write_rejected(tmp_path / "bad.jsonl", [{"id": examples[0].id, "rejected": "x"}, {"id": examples[1].id}])
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing field 'rejected'"):
         data.load_rejected(bad, examples, tok, cfg.max_len)
@@ -78,12 +79,12 @@ def test_rejected_file_errors_name_file_and_line(tmp_path):
 # ----------------------------------------------------------------------------- PSS
 
 def test_pss_with_p0_is_exactly_an_mle_step():
-    cfg, policy, tok, examples, ctx = tiny_setup("pss", pss_p=0.0, pss_samples=3)
+    cfg, policy, tok, examples, rt = tiny_setup("pss", pss_p=0.0, pss_samples=3)
     tokens = sum(len(e.continuation_ids) for e in examples)
-    pss_loss, _ = train.pss_objective(cfg, policy, None, examples, ctx, (0, 0))
+    pss_loss, _ = train.pss_objective(cfg, policy, None, examples, rt, (0, 0))
     (pss_loss / (cfg.pss_samples * tokens)).backward()
     pss = grads(policy)
-    mle_loss, _ = train.mle_objective(cfg, policy, None, examples, ctx, (0, 0))
+    mle_loss, _ = train.mle_objective(cfg, policy, None, examples, rt, (0, 0))
     (mle_loss / tokens).backward()
     torch.testing.assert_close(pss_loss / cfg.pss_samples, mle_loss, atol=1e-5, rtol=1e-6)
     assert_grads_close(pss, grads(policy))
@@ -92,11 +93,11 @@ def test_pss_with_p0_is_exactly_an_mle_step():
 def test_pss_with_p1_feeds_samples_and_trains_on_the_truth(monkeypatch):
     """p = 1: every continuation input token is the first pass's sample (here forced to token 7), the
     prompt is untouched, and the loss is the ground truth's NLL given those mixed inputs, nothing else."""
-    cfg, policy, tok, examples, ctx = tiny_setup("pss", pss_p=1.0, pss_samples=2)
+    cfg, policy, tok, examples, rt = tiny_setup("pss", pss_p=1.0, pss_samples=2)
     monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: torch.full((len(probs), n), 7))
     seen = []
     policy.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    loss, _ = train.pss_objective(cfg, policy, None, examples, ctx, (0, 0))
+    loss, _ = train.pss_objective(cfg, policy, None, examples, rt, (0, 0))
     loss.backward()
     ours = grads(policy)
 
@@ -163,12 +164,12 @@ def stand_ins(tmp_path_factory):
     """Tiny models of each family with the byte tokenizer, Dolly- and Wiki-format files, an AN cache and
     DPO rejected responses for them: what a preset needs, in miniature."""
     tmp = tmp_path_factory.mktemp("presets")
-    tok = modeling.byte_tokenizer()
+    tok = byte_tokenizer()
     torch.manual_seed(0)
     for family, cfg in {"gpt2": dict(model_type="gpt2"), "llama": dict(model_type="llama", n_kv_head=1)}.items():
         config = modeling.ModelConfig(**{**dict(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
                                                  n_inner=32, max_seq_len=96, bos_id=None, eos_id=tok.eos_id), **cfg})
-        modeling.Transformer(config).save_pretrained(str(tmp / family), tok)
+        hf.save_pretrained(modeling.Transformer(config), str(tmp / family), tok)
     rows = [{"instruction": f"say {w}", "context": "" if i % 2 else f"word {i}", "response": w * 2, "category": "x"}
             for i, w in enumerate(["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx"] * 2)]
     (tmp / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,5 +1,5 @@
 """data.py: splits, the BOS/EOS/truncation rule, loaders, collate and the synthetic task.
-Tokenizers here are tiny stand-ins for model.byte_tokenizer() so that these tests need no other file."""
+Tokenizers here are tiny stand-ins for tokenizer.byte_tokenizer() so that these tests need no other file."""
 import functools
 import http.server
 import json
@@ -10,14 +10,14 @@ from collections import Counter
 import pytest
 import torch
 
-from data import (collate, correct_stop, encode_example, exact_match, load_dolly, load_jsonl,
+from data import (collate, correct_stop, cut_prompt_left, encode_example, exact_match, load_dolly, load_jsonl,
                   load_task, load_wiki, score_synthetic, synthetic_examples, synthetic_pairs)
 
 EOS = "<|endoftext|>"
 
 
 class ByteTok:
-    """Like model.byte_tokenizer(): ids 0..255 = bytes, 256 = <|endoftext|> = eos = pad, no BOS."""
+    """Like tokenizer.byte_tokenizer(): ids 0..255 = bytes, 256 = <|endoftext|> = eos = pad, no BOS."""
     bos_id, eos_id, pad_id = None, 256, 256
 
     def encode(self, text):
@@ -257,10 +257,6 @@ def test_load_task_names(tmp_path):
 
 
 def test_url_source_is_downloaded_into_the_cache(tmp_path):
-    try:
-        from model import download  # noqa: F401  (model.py's io part; skipped until it is merged)
-    except ImportError:
-        pytest.skip("model.download is not importable yet")
     served = tmp_path / "served"
     served.mkdir()
     write_lines(served / "pairs.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
@@ -278,3 +274,10 @@ def test_url_source_is_downloaded_into_the_cache(tmp_path):
         assert [p.name[13:] for p in cache.iterdir()] == ["pairs.jsonl"]
     finally:
         server.shutdown()
+
+
+def test_cut_prompt_left_keeps_the_end_and_the_bos():
+    assert cut_prompt_left([1, 2, 3], 5) == [1, 2, 3]  # fits: whole
+    assert cut_prompt_left([1, 2, 3, 4, 5], 3) == [3, 4, 5]
+    assert cut_prompt_left([9, 2, 3, 4, 5], 3, keep_bos=True) == [9, 4, 5]  # BOS first, and it counts in room
+    assert cut_prompt_left([9, 2, 3], 1, keep_bos=True) == [9]

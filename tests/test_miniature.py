@@ -1,12 +1,12 @@
-"""evaluate.py miniature: the whole experiment (reference, 13 continued runs, scores, alpha sweep, tables)
+"""miniature.py: the whole experiment (reference, 13 continued runs, scores, alpha sweep, tables)
 at a tiny size, one seed, in well under two minutes; and the win/tie/loss rule of its table."""
 import os
 import subprocess
 import sys
 
 import data
-import evaluate
-import model as modeling
+import miniature
+import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["ref", "mle", "cpo_an", "cpo_anr", "cpo_bn", "cpo_bnr", "cpo_mn", "cpo_mnr", "cpo_tn", "cpo_tnr",
@@ -15,7 +15,7 @@ METHODS = ["ref", "mle", "cpo_an", "cpo_anr", "cpo_bn", "cpo_bnr", "cpo_mn", "cp
 
 def test_miniature_tiny_writes_every_row(tmp_path):
     out = tmp_path / "mini"
-    cmd = [sys.executable, "evaluate.py", "miniature", "--scale", "tiny", "--seeds", "0", "--jobs", "1", "--out", str(out)]
+    cmd = [sys.executable, "miniature.py", "--scale", "tiny", "--seeds", "0", "--jobs", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -26,6 +26,7 @@ def test_miniature_tiny_writes_every_row(tmp_path):
     for a in ["0", "0.1", "0.3", "0.5", "0.7", "0.9"]:
         assert f"\n| {a} |" in alpha
     assert "| ref |" in run.stdout and "| 0.9 |" in run.stdout  # the tables are printed too
+    assert (out / "alpha.svg").read_text().startswith("<svg")
     # a rerun trains and scores nothing again: every final model and score file is left untouched
     kept = sorted(out.glob("seed0/*/final/model.safetensors")) + sorted(out.glob("seed0/*/scores.json"))
     assert len(kept) == 2 * (len(METHODS))
@@ -37,14 +38,14 @@ def test_miniature_tiny_writes_every_row(tmp_path):
 
 
 def test_verdict_needs_a_difference_beyond_the_spread():
-    assert evaluate.verdict([0.5, 0.6, 0.7], [0.1, 0.2, 0.3]) == "win"
-    assert evaluate.verdict([0.1, 0.2, 0.3], [0.5, 0.6, 0.7]) == "loss"
-    assert evaluate.verdict([0.30, 0.50, 0.70], [0.3, 0.4, 0.5]) == "tie"  # 0.1 apart, std 0.2
-    assert evaluate.verdict([0.5], [0.1]) == "?"  # one seed: no spread to compare with
+    assert miniature.verdict([0.5, 0.6, 0.7], [0.1, 0.2, 0.3]) == "win"
+    assert miniature.verdict([0.1, 0.2, 0.3], [0.5, 0.6, 0.7]) == "loss"
+    assert miniature.verdict([0.30, 0.50, 0.70], [0.3, 0.4, 0.5]) == "tie"  # 0.1 apart, std 0.2
+    assert miniature.verdict([0.5], [0.1]) == "?"  # one seed: no spread to compare with
 
 
 def test_synthetic_rejected_is_always_wrong():
-    tok = modeling.byte_tokenizer()
+    tok = tokenizer.byte_tokenizer()
     examples = data.load_task("synthetic", "train", tok, 48, n=3000)
     for e in examples:
         r = data.synthetic_rejected(e)

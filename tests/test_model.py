@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from model import Linear, ModelConfig, Transformer, from_hf_state_dict, sample_next_token, to_hf_state_dict
+from hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
+from model import Linear, ModelConfig, Transformer, sample_next_token
 
 PAD = 2
 
@@ -50,7 +51,7 @@ def make_pair(family, initializer_range=0.02):
     hf_cfg = make(initializer_range=initializer_range)
     hf_cfg._attn_implementation = "eager"   # the plain-math reference
     hf = (transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM)(hf_cfg).eval()
-    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    cfg = config_from_hf(hf_cfg.to_dict())
     ours = Transformer(cfg).eval()
     ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
     return hf, ours
@@ -253,9 +254,9 @@ def test_plain_sampling_follows_softmax_and_seeds_reproduce():
 def test_to_hf_state_dict_loads_into_transformers(family):
     torch.manual_seed(3)
     hf_cfg = (hf_gpt2_config if family == "gpt2" else hf_llama_config)()
-    ours = Transformer(ModelConfig.from_hf(hf_cfg.to_dict())).eval()    # our own init, not HF's
+    ours = Transformer(config_from_hf(hf_cfg.to_dict())).eval()    # our own init, not HF's
     cls = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.LlamaForCausalLM
-    hf_back = cls(type(hf_cfg)(**ours.config.to_hf())).eval()          # through our to_hf() config too
+    hf_back = cls(type(hf_cfg)(**config_to_hf(ours.config))).eval()          # through our config_to_hf too
     result = hf_back.load_state_dict(to_hf_state_dict(ours), strict=False)
     assert not result.unexpected_keys
     assert set(result.missing_keys) <= {"lm_head.weight"} and hf_back.lm_head.weight is not None
@@ -267,8 +268,8 @@ def test_to_hf_state_dict_loads_into_transformers(family):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_config_round_trip(family):
     hf_cfg = (hf_gpt2_config if family == "gpt2" else hf_llama_config)()
-    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
-    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    cfg = config_from_hf(hf_cfg.to_dict())
+    assert config_from_hf(config_to_hf(cfg)) == cfg
     assert cfg.n_kv_head == (4 if family == "gpt2" else 2)
     if family == "llama":
         assert cfg.rope_theta == 5000.0 and not cfg.tie_word_embeddings
@@ -303,17 +304,17 @@ def test_original_gpt2_checkpoint_names_load():
 
 def test_bad_configs_and_state_dicts_raise_value_error():
     with pytest.raises(ValueError, match="model_type 'bert'"):
-        ModelConfig.from_hf({"model_type": "bert", "hidden_size": 64})
+        config_from_hf({"model_type": "bert", "hidden_size": 64})
     with pytest.raises(ValueError, match="model_type"):
-        ModelConfig.from_hf({"n_embd": 64})
+        config_from_hf({"n_embd": 64})
     with pytest.raises(ValueError, match="n_head"):
-        ModelConfig.from_hf(dict(hf_gpt2_config().to_dict(), n_head=5))
+        config_from_hf(dict(hf_gpt2_config().to_dict(), n_head=5))
     with pytest.raises(ValueError, match="num_key_value_heads|n_kv_head"):
-        ModelConfig.from_hf(dict(hf_llama_config().to_dict(), num_key_value_heads=3))
+        config_from_hf(dict(hf_llama_config().to_dict(), num_key_value_heads=3))
     with pytest.raises(ValueError, match="n_positions"):
-        ModelConfig.from_hf({k: v for k, v in hf_gpt2_config().to_dict().items() if k != "n_positions"})
+        config_from_hf({k: v for k, v in hf_gpt2_config().to_dict().items() if k != "n_positions"})
     with pytest.raises(ValueError, match="rope"):
-        ModelConfig.from_hf(dict(hf_llama_config().to_dict(), rope_parameters={"rope_type": "llama3", "factor": 8.0}))
+        config_from_hf(dict(hf_llama_config().to_dict(), rope_parameters={"rope_type": "llama3", "factor": 8.0}))
 
     hf, ours = make_pair("llama")
     sd = hf.state_dict()
@@ -325,7 +326,7 @@ def test_bad_configs_and_state_dicts_raise_value_error():
     with pytest.raises(ValueError, match="unexpected.*model.layers.7"):
         from_hf_state_dict(dict(sd, **{"model.layers.7.mlp.up_proj.weight": torch.zeros(1)}), ours.config)
     with pytest.raises(ValueError, match="embed_tokens"):   # a checkpoint for another vocabulary
-        from_hf_state_dict(sd, ModelConfig.from_hf(dict(hf_llama_config().to_dict(), vocab_size=300)))
+        from_hf_state_dict(sd, config_from_hf(dict(hf_llama_config().to_dict(), vocab_size=300)))
 
 
 def test_init_for_training_from_scratch():

@@ -10,11 +10,12 @@ import threading
 import pytest
 import torch
 
-import model
+import common
+import hf as mio  # "model io": below, `hf` names transformers' models
+import tokenizer
 import transformers
 from safetensors.torch import load_file, save_file
 
-mio = model
 
 STRINGS = [
     "", " ", "  ", "hello", "Hello world", "hello  world", "  leading", "trailing  ", "\n", "\n\n", "a\nb",
@@ -172,7 +173,7 @@ def test_round_trips_with_transformers(tmp_path, family):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=0)
 
-    mio.save_pretrained(ours, str(tmp_path / "single"), tokenizer=mio.byte_tokenizer())  # ours -> transformers
+    mio.save_pretrained(ours, str(tmp_path / "single"), tokenizer=tokenizer.byte_tokenizer())  # ours -> transformers
     mio.save_pretrained(ours, str(tmp_path / "sharded"), max_shard_bytes=20_000)
     saved = load_file(tmp_path / "single" / "model.safetensors")
     assert ("lm_head.weight" in saved) == (family == "llama")  # a tied head is not saved, as in HF
@@ -282,7 +283,7 @@ def test_gpt2_tokenizer_matches_transformers(tmp_path):
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
     bpe.save_model(str(tmp_path))
-    ours, theirs = mio.load_tokenizer(str(tmp_path)), transformers.GPT2Tokenizer.from_pretrained(tmp_path)
+    ours, theirs = tokenizer.load_tokenizer(str(tmp_path)), transformers.GPT2Tokenizer.from_pretrained(tmp_path)
     assert ours.bos_id is None and ours.eos_id == ours.pad_id == theirs.eos_token_id
     for s in STRINGS:
         ids = ours.encode(s)
@@ -306,7 +307,7 @@ def test_llama_tokenizer_matches_transformers(tmp_path):
                                    split_digits=True, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
                                    num_threads=1, minloglevel=2)
-    ours = mio.load_tokenizer(str(tmp_path))
+    ours = tokenizer.load_tokenizer(str(tmp_path))
     assert ours.bos_id == 1 and ours.eos_id == 2 and ours.pad_id == 2 and ours.vocab_size == 300
     # transformers 5 reads tokenizer.model through protobuf (not in requirements-dev.txt); its
     # sentencepiece-only extractor gives the vocab and merges that LlamaTokenizer is then built from
@@ -323,7 +324,7 @@ def test_llama_tokenizer_matches_transformers(tmp_path):
 
 
 def test_byte_tokenizer_matches_gpt2_tokenizer(tmp_path):
-    tok = mio.byte_tokenizer()
+    tok = tokenizer.byte_tokenizer()
     assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.bos_id) == (257, 256, 256, None)
     tok.save(str(tmp_path))
     assert (tmp_path / "merges.txt").read_text() == "#version: 0.2\n"
@@ -333,7 +334,7 @@ def test_byte_tokenizer_matches_gpt2_tokenizer(tmp_path):
         ids = tok.encode(s)
         assert ids == list(s.encode()) == theirs.encode(s, add_special_tokens=False), s
         assert tok.decode(ids) == theirs.decode(ids) == s
-    assert mio.load_tokenizer(str(tmp_path)).encode("hé") == [104, 195, 169]
+    assert tokenizer.load_tokenizer(str(tmp_path)).encode("hé") == [104, 195, 169]
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -390,11 +391,11 @@ def test_download_full_and_404(tmp_path, server, capsys):
     data = os.urandom(300_000)
     (tmp_path / "srv" / "blob.bin").write_bytes(data)
     dest = tmp_path / "dl" / "blob.bin"
-    assert mio.download(f"{server.url}/blob.bin", str(dest)) == str(dest)
+    assert common.download(f"{server.url}/blob.bin", str(dest)) == str(dest)
     assert dest.read_bytes() == data and not os.path.exists(str(dest) + ".part")
     assert "MB/s" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match=f"{server.url}/nope.bin"):
-        mio.download(f"{server.url}/nope.bin", str(tmp_path / "dl" / "nope.bin"))
+        common.download(f"{server.url}/nope.bin", str(tmp_path / "dl" / "nope.bin"))
     assert not os.path.exists(tmp_path / "dl" / "nope.bin")
 
 
@@ -404,7 +405,7 @@ def test_download_resumes_with_range(tmp_path, server, monkeypatch):
     server.drop_after = 400_000
     monkeypatch.setenv("HF_TOKEN", "secret-token")
     dest = tmp_path / "dl" / "blob.bin"
-    mio.download(f"{server.url}/blob.bin", str(dest))
+    common.download(f"{server.url}/blob.bin", str(dest))
     assert dest.read_bytes() == data
     first, second = server.log
     assert first["range"] is None and first["sent"] == 400_000
@@ -419,7 +420,7 @@ def test_download_restarts_when_range_is_ignored(tmp_path, server):
     (tmp_path / "srv" / "blob.bin").write_bytes(data)
     server.drop_after, server.ignore_range = 200_000, True
     dest = tmp_path / "blob.bin"
-    mio.download(f"{server.url}/blob.bin", str(dest))
+    common.download(f"{server.url}/blob.bin", str(dest))
     assert dest.read_bytes() == data
     assert server.log[1]["range"] is not None and server.log[1]["sent"] == len(data)
 
@@ -428,7 +429,7 @@ def test_load_hub_name_from_local_endpoint(tmp_path, server, monkeypatch):
     hf, x = tiny_hf("llama"), idx()
     repo = tmp_path / "srv" / "org" / "name"
     hf.save_pretrained(repo, max_shard_size="20KB")  # sharded: the index, then each shard
-    mio.byte_tokenizer().save(str(repo))
+    tokenizer.byte_tokenizer().save(str(repo))
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("NANOCPO_CACHE", str(tmp_path / "cache"))
     ours, tok = mio.load("org/name")

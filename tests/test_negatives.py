@@ -235,7 +235,9 @@ def test_build_cpo_batch_ranked_and_cache():
         build_cpo_batch(exs + [Ex("new", [1], [2, EOS])], "an:1", model, EOS, EOS, an_cache=cache)
 
 # ----------------------------------------------------------------------------- AN (the real model)
+import hf  # noqa: E402
 import model as M  # noqa: E402
+from tokenizer import byte_tokenizer  # noqa: E402
 
 TEOS = 256  # the tiny real model's EOS (byte_tokenizer's <|endoftext|>)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14]]  # different lengths: left padding
@@ -346,7 +348,7 @@ def test_build_cpo_batch_real_model_all_kinds_ranked():
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("an")
-    M.save_pretrained(tiny_model(dtype=torch.float32, vocab_size=257), str(tmp / "model"), M.byte_tokenizer())
+    hf.save_pretrained(tiny_model(dtype=torch.float32, vocab_size=257), str(tmp / "model"), byte_tokenizer())
     with open(tmp / "pairs.jsonl", "w") as f:
         for i in range(10):
             f.write(json.dumps({"id": f"p{i}", "prompt": "ab" * (i % 4 + 1) + "=", "response": "xyz"[: i % 3 + 1]}) + "\n")
@@ -406,3 +408,12 @@ def test_offline_tool_resumes_and_matches_uninterrupted_and_torchrun(cli_setup):
     # other settings into the same folder are refused rather than mixed in
     with pytest.raises(SystemExit, match="other settings"):
         run_tool(tmp, "full", "--max-new-tokens", "6")
+
+
+def test_an_tool_is_a_function_and_refuses_other_kinds(tmp_path):
+    # the miniature calls write_an_negatives directly; main() only parses flags into it
+    with pytest.raises(ValueError, match="spec must be an:N"):
+        negatives.write_an_negatives("no/such/model", "synthetic", str(tmp_path / "an"), spec="bn:3")
+    with pytest.raises(SystemExit, match="spec must be an:N"):
+        negatives.main(["--model", "no/such/model", "--data", "synthetic", "--spec", "an:2,tn:1",
+                        "--out", str(tmp_path / "an")])

@@ -10,9 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+import checkpoint
 import cpo
 import data
-import model as modeling
+import hf
 import negatives
 import train
 
@@ -44,7 +45,7 @@ def run(args, nproc=1, check=True, preset=SINGLE):
 
 
 def weights(folder):
-    m, _ = modeling.load(folder)
+    m, _ = hf.load(folder)
     return m.state_dict()
 
 
@@ -96,7 +97,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
     monkeypatch.setattr(torch, "save", real_save)
-    assert train.checkpoints(cfg.out_dir) == [os.path.join(cfg.out_dir, "ckpt-0000002")]
+    assert checkpoint.checkpoints(cfg.out_dir) == [os.path.join(cfg.out_dir, "ckpt-0000002")]
     assert os.path.isdir(os.path.join(cfg.out_dir, "ckpt-0000004.tmp"))  # the torn write, ignored
     weights(os.path.join(cfg.out_dir, "ckpt-0000002", "model"))  # the previous checkpoint still loads
     train.train(replace(cfg, resume=True))
@@ -120,9 +121,8 @@ def test_cpo_step_gradient_matches_hand_written_formula(ranked):
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
-    ctx = dict(device=torch.device("cpu"), rank=0, autocast=torch.autocast("cpu", enabled=False), pad_id=tok.pad_id,
-               eos_id=tok.eos_id, ref_cache={}, an_cache=None)
-    loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, ctx, (0, 0))
+    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id)
+    loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))
     (loss_sum / len(examples)).backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
@@ -148,7 +148,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
                f"--out_dir={tmp_path}"], check=False)
     assert out.returncode != 0
     assert "stopped before the update" in out.stderr and "Last good checkpoint" in out.stderr, out.stderr[-2000:]
-    last = train.checkpoints(str(tmp_path))[-1]
+    last = checkpoint.checkpoints(str(tmp_path))[-1]
     assert last in out.stderr
     weights(os.path.join(last, "model"))  # intact and loadable
 
@@ -187,13 +187,12 @@ def test_cpo_example_without_valid_negative_sits_out_the_step():
     ref = train.frozen_copy(policy)
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=3, seed=0)
     bare = replace(examples[0], id="bare", continuation_ids=[tok.eos_id])
-    ctx = dict(device=torch.device("cpu"), rank=0, autocast=torch.autocast("cpu", enabled=False), pad_id=tok.pad_id,
-               eos_id=tok.eos_id, ref_cache={}, an_cache=None)
+    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    with_bare, _ = train.cpo_objective(cfg, policy, ref, [bare] + examples, ctx, (0, 0))
-    without, _ = train.cpo_objective(cfg, policy, ref, examples, ctx, (0, 0))
+    with_bare, _ = train.cpo_objective(cfg, policy, ref, [bare] + examples, rt, (0, 0))
+    without, _ = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))
     torch.testing.assert_close(with_bare, without)
-    alone, _ = train.cpo_objective(cfg, policy, ref, [bare], ctx, (0, 0))
+    alone, _ = train.cpo_objective(cfg, policy, ref, [bare], rt, (0, 0))
     assert alone.item() == 0.0

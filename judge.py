@@ -1,0 +1,252 @@
+"""
+The LLM judge of the paper: win rate against the ground truth, asked of any OpenAI-compatible chat API.
+Standard library and `requests` only, so this file can be copied into another project on its own.
+
+    import judge
+    rows = [{"id": "1", "prompt": "Name a colour.", "reference": "Blue.", "generation": "Red."}]
+    client = dict(url="https://api.openai.com/v1", model="gpt-3.5-turbo",
+                  api_key=judge.api_key_from_env("OPENAI_API_KEY"))
+    records, summary = judge.judge_generations(rows, "dolly", "judge_cache.jsonl", **client)
+    summary["win_rate"], summary["ci_low"], summary["ci_high"]
+    rejected = judge.dpo_rejected([{"id": "1", "prompt": "...", "response": "..."}], "judge_cache.jsonl",
+                                  **client, max_tokens=256)    # the DPO baseline's unhelpful answers
+
+(`python evaluate.py judge` and `evaluate.py dpo-negatives` do the same from files.)
+
+Judging (the paper's templates, verbatim). Every pair is asked in both orders, the model's generation as
+A and then as B, against the ground truth. A pair is a win when both answers pick the model, a loss when
+both pick the ground truth, a tie when they split (position bias), and invalid when either answer is
+not a lone "A" or "B". Parsing is strict: trim whitespace, drop one trailing period, then the answer must
+be exactly one letter; we accept either case (" b " -> B: a lone lowercase letter is not ambiguous; the
+strictness is about refusing extra words, which we never guess at). win_rate = (wins + ties / 2) / n over
+the n valid pairs, with a 95% Wilson score interval for that proportion (each pair treated as a Bernoulli
+trial of the same mean: conservative, since a tie varies less than a coin, and never of zero width at 0
+or 1). single_order_win_rate is the paper's kind of number: the share of valid answers that pick the
+model when it is shown as Response A.
+
+The client. The API key is sent in the Authorization header and scrubbed from every message we print or
+raise. Timeouts, connection errors, 429, 5xx and malformed bodies are retried with exponential backoff;
+other HTTP errors fail at once. Transport failures (after retries) raise JudgeError; the cache keeps every
+answer so far. The cache is a jsonl file, append-only: {"key": sha256(json([judge model, prompt])),
+"reply": text}. One line is written and flushed per answer, so a crash loses only the requests in
+flight; a line torn by a crash is skipped on reading.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from email.utils import parsedate_to_datetime
+
+import requests
+
+JUDGE_TEMPLATES = {  # verbatim from the paper; filled in order (query, A, B)
+    "dolly": 'For the following query to a chatbot, which response is more helpful?\n Query: {}\n Response A: {}\n'
+             ' Response B: {}\n State only "A" or "B" to indicate which response is more helpful.\n More helpful:',
+    "wiki": 'For the following prefix, which continuation is better?\n Prefix: {}\n Continuation A: {}\n'
+            ' Continuation B: {}\n State only "A" or "B" to indicate which continuation is more helpful.\n Better:',
+}
+DPO_NEGATIVE_TEMPLATE = ('Given the ground truth instruction and response, can you generate a not helpful response?\n'
+                         ' Instruction: {}\nResponse: {}\nNot helpful response:')
+
+
+# ----------------------------------------------------------------------------- verdicts and summary
+def parse_choice(reply):
+    """Strict: "A" or "B" (either case) once surrounding whitespace and one trailing period are removed,
+    else None. "A." -> A, " b " -> B, "C" / "A or B" / "Response A" -> None."""
+    s = reply.strip()
+    if s.endswith("."):
+        s = s[:-1]
+    return s.upper() if s in ("A", "B", "a", "b") else None
+
+
+def pair_verdict(choice_model_as_a, choice_model_as_b):
+    """Both orders pick the model: win; both pick the ground truth: loss; they split: tie."""
+    if choice_model_as_a is None or choice_model_as_b is None:
+        return "invalid"
+    model_won = [choice_model_as_a == "A", choice_model_as_b == "B"]
+    return "win" if all(model_won) else "loss" if not any(model_won) else "tie"
+
+
+def wilson_interval(p, n, z=1.96):
+    """95% Wilson score interval for a proportion p observed over n trials."""
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(verdicts, choices_model_as_a):
+    counts = {v: verdicts.count(v) for v in ("win", "loss", "tie", "invalid")}
+    n = counts["win"] + counts["loss"] + counts["tie"]
+    win_rate = (counts["win"] + 0.5 * counts["tie"]) / n if n else None
+    ci = wilson_interval(win_rate, n) if n else (None, None)
+    single = [c for c in choices_model_as_a if c is not None]
+    return {"win_rate": win_rate, "ci_low": ci[0], "ci_high": ci[1], "wins": counts["win"],
+            "losses": counts["loss"], "ties": counts["tie"], "invalid": counts["invalid"], "n": n,
+            "single_order_win_rate": single.count("A") / len(single) if single else None}
+
+
+def judge_generations(rows, task, cache_path, **client):
+    """Rows {"id", "prompt", "reference", "generation"} -> (one record per row {"id", "verdict",
+    "reply_model_as_a", "reply_model_as_b"}, summarize's dict). client: ask_all's keyword arguments."""
+    template = JUDGE_TEMPLATES[task]
+    prompts = []
+    for r in rows:
+        prompts.append(template.format(r["prompt"], r["generation"], r["reference"]))  # model is A
+        prompts.append(template.format(r["prompt"], r["reference"], r["generation"]))  # model is B
+    replies = ask_all(prompts, cache_path, **client)
+    choices = [parse_choice(r) for r in replies]
+    records = [{"id": r["id"], "verdict": pair_verdict(choices[2 * i], choices[2 * i + 1]),
+                "reply_model_as_a": replies[2 * i], "reply_model_as_b": replies[2 * i + 1]} for i, r in enumerate(rows)]
+    return records, summarize([r["verdict"] for r in records], choices[0::2])
+
+
+def dpo_rejected(rows, cache_path, **client):
+    """The paper's DPO baseline: rows {"id", "prompt", "response"} -> [{"id", "rejected"}], the judge model's
+    unhelpful response to each, stripped; empty replies are left out."""
+    replies = ask_all([DPO_NEGATIVE_TEMPLATE.format(r["prompt"], r["response"]) for r in rows], cache_path, **client)
+    return [{"id": r["id"], "rejected": reply.strip()} for r, reply in zip(rows, replies) if reply.strip()]
+
+
+# ----------------------------------------------------------------------------- the HTTP client
+class JudgeError(RuntimeError):
+    """The judge could not be reached or refused us; the message never contains the API key."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def scrub(text, secret):
+    return str(text).replace(secret, "***") if secret else str(text)
+
+
+def api_key_from_env(name):
+    key = os.environ.get(name, "")
+    if not key:
+        log(f"judge: ${name} is empty; sending no Authorization header (fine for a local vLLM/llama.cpp server)")
+    return key
+
+
+_thread = threading.local()
+
+
+def http_session():
+    """One requests.Session per worker thread (keep-alive), since Sessions are not documented thread-safe."""
+    if not hasattr(_thread, "session"):
+        _thread.session = requests.Session()
+    return _thread.session
+
+
+def parse_retry_after(value):
+    """Retry-After header -> seconds (it is either a number of seconds or an HTTP date), None if absent."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.0, timeout=60.0, max_retries=8,
+                    backoff=1.0, max_backoff=60.0, stop=None):
+    """One user prompt -> the reply text, from any OpenAI-compatible POST {url}/chat/completions.
+    Timeouts, connection errors, 429, 5xx and malformed bodies are retried with exponential backoff and
+    jitter (or after Retry-After when the server sends one); other HTTP errors (bad key, bad request)
+    fail at once, since repeating them cannot help. Raises JudgeError, with the key scrubbed. Setting the
+    `stop` event makes it give up before its next attempt (the run failed elsewhere)."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": temperature, "max_tokens": max_tokens}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    for attempt in range(max_retries + 1):
+        if stop is not None and stop.is_set():
+            raise JudgeError("stopped: the run failed on another request")
+        wait = None
+        try:
+            r = http_session().post(url.rstrip("/") + "/chat/completions", json=body, headers=headers, timeout=timeout)
+            if r.status_code == 429 or r.status_code >= 500:
+                problem, wait = f"HTTP {r.status_code}", parse_retry_after(r.headers.get("Retry-After"))
+            elif r.status_code != 200:
+                raise JudgeError(scrub(f"HTTP {r.status_code} from {url}: {r.text[:300]}", api_key))
+            else:
+                try:
+                    reply = r.json()["choices"][0]["message"]["content"]
+                    if isinstance(reply, str):
+                        return reply
+                except (ValueError, KeyError, IndexError, TypeError):
+                    pass
+                problem = "malformed response body"
+        except (requests.Timeout, requests.ConnectionError) as e:
+            problem = scrub(f"{type(e).__name__}: {e}", api_key)[:300]
+        except requests.RequestException as e:  # e.g. a key with a newline: the message would quote the header
+            raise JudgeError(scrub(f"request to {url} failed: {type(e).__name__}: {e}", api_key)) from None
+        if attempt == max_retries or (stop is not None and stop.is_set()):
+            break
+        if wait is None:
+            wait = min(max_backoff, backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter: no thundering herd
+        log(f"judge: {problem}; retry {attempt + 1}/{max_retries} in {wait:.2f}s")
+        time.sleep(wait)
+    raise JudgeError(f"giving up on a request after {max_retries + 1} attempts, last: {problem}")
+
+
+# ----------------------------------------------------------------------------- the reply cache
+def cache_key(model, prompt):
+    return hashlib.sha256(json.dumps([model, prompt]).encode()).hexdigest()
+
+
+def load_cache(path):
+    """{key: reply} from an append-only cache file; a line torn by a crash mid-write is skipped."""
+    cache = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    cache[rec["key"]] = rec["reply"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return cache
+
+
+def ask_all(prompts, cache_path, url, model, api_key="", workers=8, **request):
+    """Replies to all prompts, in order. Only the prompts missing from the cache are sent (each distinct
+    prompt once), `workers` at a time; every reply is appended to the cache and flushed as it arrives.
+    request: chat_completion's keyword arguments (max_tokens, temperature, timeout, max_retries, backoff)."""
+    keys = [cache_key(model, p) for p in prompts]
+    cache = load_cache(cache_path)
+    todo = {k: p for k, p in zip(keys, prompts) if k not in cache}
+    log(f"judge: {len(prompts)} prompts, {len(prompts) - len(todo)} answered in {cache_path}, sending {len(todo)}")
+    if not todo:
+        return [cache[k] for k in keys]
+    stop = threading.Event()
+    t0 = time.time()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with open(cache_path, "a+b") as f:  # appends go to the end whatever we read
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # a line torn by a crash: end it (load_cache skips it) before appending
+            futures = {pool.submit(chat_completion, p, url, model, api_key, stop=stop, **request): k
+                       for k, p in todo.items()}
+            for done, future in enumerate(as_completed(futures), 1):
+                key = futures[future]
+                cache[key] = future.result()
+                f.write(json.dumps({"key": key, "reply": cache[key]}).encode() + b"\n")
+                f.flush()
+                if done % 50 == 0 or done == len(todo):
+                    eta = (time.time() - t0) / done * (len(todo) - done)
+                    log(f"judge: {done}/{len(todo)} answered, ETA {eta:.0f}s")
+    finally:  # on an error or Ctrl-C: drop the queued requests, and retry none of those in flight
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+    return [cache[k] for k in keys]

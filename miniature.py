@@ -1,0 +1,261 @@
+"""
+The method in miniature: every method of the paper on the synthetic task, on a CPU, over seeds.
+
+    python miniature.py --out out/miniature        # config/miniature.py: 3 seeds, 15.5 min on 2 CPU cores
+    python miniature.py --scale tiny --seeds 0     # the same at a smoke-test size (seconds)
+
+Per seed: the reference (MLE from scratch), its AN cache and DPO rejected answers; then from the reference,
+all for the same steps and batch: MLE continued, CPO with each negative type with and without ranking, DPO
+and PSS; then the weight-space ensembles of MLE continued with the best CPO variant. Every model is scored
+by greedy decoding on the same held-out prompts: the exact metrics of data.score_synthetic, and MAUVE.
+
+Layout under --out: seed<S>/<stage>/ (train.py's run folder; final/ the model, scores.json its held-out
+scores, log.txt its output), seed<S>/an/ (the AN cache), seed<S>/dpo_rejected.jsonl, seed<S>/alpha/alpha_<a>/
+(the ensembles, their scores in seed<S>/alpha/scores_<run>@<a>.json), results.md, alpha.md, alpha.svg and
+results.json. A run with a final/ is not trained again and a model with scores.json is not scored again,
+so a rerun after an interruption continues where it stopped.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import multiprocessing
+import os
+import runpy
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+import hf
+import mauve
+import negatives
+import tokenizer
+import train
+from common import log, write_atomic, write_jsonl_atomic
+
+METRICS = ("exact_match", "correct_stop", "token_accuracy", "mauve")
+
+
+def miniature_settings(path, scale):
+    """config/miniature.py -> (base config, {stage: overrides}, experiment settings), --scale applied."""
+    base, stages = train.load_preset(path)
+    ns = runpy.run_path(path)
+    experiment = dict(ns["experiment"])
+    if scale == "tiny":
+        tiny = ns["tiny"]
+        base = {**base, **tiny["config"]}
+        stages = {name: {**o, **(tiny["ref"] if name == "ref" else tiny["continued"])} for name, o in stages.items()}
+        experiment.update(tiny["experiment"])
+    return base, stages, experiment
+
+
+# ----------------------------------------------------------------------------- one run: train or ensemble, then score
+def miniature_examples(base, seed, n_eval):
+    """The held-out prompts every model of a seed is scored on (the first n_eval test examples)."""
+    return data.load_task(base["task"], "test", tokenizer.byte_tokenizer(), base["max_len"], n=n_eval, seed=seed)
+
+
+def miniature_score(model_dir, ref_dir, examples, out_path):
+    """Greedy decoding on the held-out prompts -> the exact metrics (data.score_synthetic) and MAUVE between
+    the generated and the ground-truth continuations, featurized (prompt + continuation, the last token's
+    final hidden state) by the seed's reference model: the cheap stand-in for gpt2-large's features.
+    out_path (beside the model, never inside it: interpolate copies a model folder's files) caches the result."""
+    if os.path.isfile(out_path):
+        with open(out_path) as f:
+            return json.load(f)
+    net, tok = hf.load(model_dir)
+    net.eval()
+    gens = evaluate.greedy_continuations(net, tok, examples, data.SYNTHETIC_MAX_NEW_TOKENS, batch_size=64)
+    scores = data.score_synthetic(gens, [e.continuation_ids for e in examples], tok.eos_id)
+    texts = [e.prompt + evaluate.new_text(tok, g) for e, g in zip(examples, gens)] + [e.prompt + e.response for e in examples]
+    feats = evaluate.featurize(texts, ref_dir, batch_size=128)
+    scores["mauve"] = mauve.compute_mauve(feats[:len(examples)], feats[len(examples):])
+    write_atomic(out_path, json.dumps(scores))
+    return scores
+
+
+def write_seed_inputs(final, seed_dir, seed, base, stages):
+    """The seed's shared inputs of the AN and DPO runs, for their training examples: the AN cache sampled
+    from the reference model `final`, and data.synthetic_rejected's wrong answer per example."""
+    n = next(o for k, o in stages.items() if k != "ref")["n_train"]
+    spec = next(o["negatives"] for o in stages.values() if o.get("negatives", "").startswith("an:"))
+    negatives.write_an_negatives(final, base["task"], os.path.join(seed_dir, "an"), split="train", spec=spec,
+                                 seed=seed, limit=n, max_len=base["max_len"],
+                                 max_new_tokens=data.SYNTHETIC_MAX_NEW_TOKENS, device="cpu")
+    examples = data.load_task(base["task"], "train", tokenizer.load_tokenizer(final), base["max_len"], n=n, seed=seed)
+    write_jsonl_atomic(os.path.join(seed_dir, "dpo_rejected.jsonl"),
+                       [{"id": e.id, "rejected": data.synthetic_rejected(e)} for e in examples])
+
+
+def miniature_task(kind, seed, name, out, base, stages, experiment, threads):
+    """One unit of work, run in a worker process with its output in <run>/log.txt:
+    kind "ref": train the reference, then write the seed's AN cache and DPO rejected answers;
+    kind "run": train one continued stage; kind "alpha": build one weight-space ensemble.
+    Each then scores its model. Returns (seed, name, scores, seconds)."""
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    seed_dir = os.path.join(out, f"seed{seed}")
+    ref_final = os.path.join(seed_dir, "ref", "final")
+    run_dir = os.path.join(seed_dir, "alpha" if kind == "alpha" else name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, f"log{'_' + name if kind == 'alpha' else ''}.txt"), "a") as logf, \
+            contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf):
+        if kind == "alpha":
+            best, alpha = name.split("@")
+            final = evaluate.interpolate_folder(os.path.join(seed_dir, "mle", "final"),
+                                                os.path.join(seed_dir, best, "final"), float(alpha),
+                                                os.path.join(run_dir, f"alpha_{float(alpha):g}"))
+        else:
+            cfg = train.Config(**{"resume": True, **base, **stages[name], "seed": seed, "out_dir": run_dir})
+            if name != "ref":
+                cfg = replace(cfg, init_from=ref_final,
+                              an_cache=os.path.join(seed_dir, "an") if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
+                              dpo_rejected=os.path.join(seed_dir, "dpo_rejected.jsonl") if cfg.objective == "dpo" else "")
+            final = os.path.join(run_dir, "final")
+            if not os.path.isdir(final):
+                final = train.train(cfg)
+            if name == "ref":
+                write_seed_inputs(final, seed_dir, seed, base, stages)
+        scores = miniature_score(final, ref_final, miniature_examples(base, seed, experiment["n_eval"]),
+                                 os.path.join(run_dir, f"scores_{name}.json" if kind == "alpha" else "scores.json"))
+    return seed, name, scores, time.time() - t0
+
+
+def run_all(units, then, work, jobs):
+    """work(*unit) for every unit, and for the units then(result) returns as each result comes in: `jobs`
+    at a time in worker processes, or one by one in this process when jobs == 1 (easier to debug)."""
+    if jobs == 1:
+        units = list(units)
+        while units:
+            units += then(work(*units.pop(0)))
+        return
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending = {pool.submit(work, *u) for u in units}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                pending |= {pool.submit(work, *u) for u in then(f.result())}
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- tables
+def mean_spread(values):
+    """(mean, sample standard deviation over seeds; 0 for one seed)."""
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def verdict(values, baseline):
+    """win / loss only when the difference of the means exceeds the larger of the two seed-to-seed standard
+    deviations; anything smaller is a tie. With one seed there is no spread: every difference is '?'."""
+    (m, s), (mb, sb) = mean_spread(values), mean_spread(baseline)
+    if len(values) < 2 or len(baseline) < 2:
+        return "?"
+    if abs(m - mb) <= max(s, sb):
+        return "tie"
+    return "win" if m > mb else "loss"
+
+
+def results_table(results, names, seeds):
+    """Markdown: one row per method, each metric as mean ± std over seeds, and the verdict against MLE
+    continued on exact match and on MAUVE."""
+    lines = ["| method | " + " | ".join(METRICS) + " | exact match vs MLE | MAUVE vs MLE |",
+             "|---|" + "---|" * (len(METRICS) + 2)]
+    for name in names:
+        vs = ["-", "-"] if name in ("mle", "ref") else [
+            verdict([results[(s, name)][k] for s in seeds], [results[(s, "mle")][k] for s in seeds])
+            for k in ("exact_match", "mauve")]
+        lines.append(f"| {name} | " + " | ".join(spread_cells(results, name, seeds) + vs) + " |")
+    return "\n".join(lines)
+
+
+def alpha_table(results, best, alphas, seeds):
+    """Markdown: the alpha sweep of the best CPO variant, one row per alpha, then MLE continued (alpha 1)."""
+    lines = ["| alpha (weight of MLE) | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for label, name in [(f"{a:g}", f"{best}@{a:g}") for a in alphas] + [("1 (MLE continued)", "mle")]:
+        lines.append(f"| {label} | " + " | ".join(spread_cells(results, name, seeds)) + " |")
+    return "\n".join(lines)
+
+
+def spread_cells(results, name, seeds):
+    """One run name's metrics as 'mean ± std' over seeds, in METRICS order."""
+    return [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, name)][k] for s in seeds]) for k in METRICS)]
+
+
+# ----------------------------------------------------------------------------- the experiment
+def miniature(args):
+    """Train, score and tabulate; see config/miniature.py for the sizes and the module docstring for the layout."""
+    base, stages, experiment = miniature_settings(args.config, args.scale)
+    seeds = [int(s) for s in (args.seeds or experiment["seeds"]).split(",")]
+    jobs = args.jobs or experiment["jobs"]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    alphas = [float(a) for a in experiment["alphas"].split(",")]
+    continued = [n for n in stages if n != "ref"]
+    cpo_runs = [n for n in continued if stages[n].get("objective") == "cpo"]
+    work = functools.partial(miniature_task, out=args.out, base=base, stages=stages, experiment=experiment,
+                             threads=threads)
+    total = len(seeds) * (1 + len(continued) + len(alphas))
+    results, t0 = {}, time.time()
+    log(f"miniature: seeds {seeds}, {len(continued)} continued runs each from the seed's reference, "
+        f"{jobs} at a time x {threads} thread(s); logs in {args.out}/seed<S>/<run>/log.txt")
+
+    def collect(result):
+        """Record one finished unit; a reference's finish starts its seed's continued runs."""
+        seed, name, scores, secs = result
+        results[(seed, name)] = scores
+        done = len(results)
+        eta = (time.time() - t0) / done * (total - done)
+        log(f"[{done}/{total}] seed {seed} {name}: exact match {scores['exact_match']:.3f}, correct stop "
+            f"{scores['correct_stop']:.3f}, MAUVE {scores['mauve']:.3f} ({secs:.0f}s; elapsed "
+            f"{(time.time() - t0) / 60:.1f} min, ETA at this pace {eta / 60:.1f} min)")
+        return [("run", seed, n) for n in continued] if name == "ref" else []
+
+    run_all([("ref", s, "ref") for s in seeds], collect, work, jobs)
+    best = max(cpo_runs, key=lambda n: np.mean([results[(s, n)]["exact_match"] for s in seeds]))
+    log(f"miniature: best CPO variant by mean exact match: {best}; alpha sweep {alphas}")
+    run_all([("alpha", s, f"{best}@{a:g}") for s in seeds for a in alphas], collect, work, jobs)
+
+    cont = stages[continued[0]]
+    header = (f"Synthetic task, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); reference: MLE from scratch, "
+              f"{stages['ref']['steps']} steps of batch {stages['ref']['batch_size']}; every other row continues from it "
+              f"for {cont['steps']} steps of batch {cont['batch_size']} (lr {cont['lr']:g}). Greedy decoding on "
+              f"{experiment['n_eval']} held-out prompts. Cells: mean ± standard deviation over seeds. "
+              f"win/loss: the difference of means exceeds the larger of the two standard deviations; else tie.")
+    table = results_table(results, ["ref"] + continued, seeds)
+    alphas_md = alpha_table(results, best, alphas, seeds)
+    alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
+    os.makedirs(args.out, exist_ok=True)
+    write_atomic(os.path.join(args.out, "results.md"), header + "\n\n" + table + "\n")
+    write_atomic(os.path.join(args.out, "alpha.md"), alpha_header + "\n\n" + alphas_md + "\n")
+    write_atomic(os.path.join(args.out, "results.json"),
+                 json.dumps({f"{s}/{n}": r for (s, n), r in results.items()}, indent=1))
+    sweep = [(a, *mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds])) for a in alphas]
+    evaluate.svg_chart(os.path.join(args.out, "alpha.svg"), {f"{best}, mean ± std over seeds": sweep},
+                       "alpha (weight of the MLE model)", "exact match, held-out", f"alpha * MLE + (1 - alpha) * {best}")
+    print(header + "\n\n" + table + "\n\n" + alpha_header + "\n\n" + alphas_md, flush=True)
+    log(f"miniature: done in {(time.time() - t0) / 60:.1f} min; {args.out}/results.md, {args.out}/alpha.md")
+    return table, alphas_md
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "miniature.py"),
+                   help="the experiment's preset (default: config/miniature.py)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, 0,1,2)")
+    p.add_argument("--out", default="out/miniature", help="folder of every run, the tables and the logs "
+                   "(default: out/miniature)")
+    p.add_argument("--scale", default="full", choices=["full", "tiny"], help="tiny: a smoke test of a few steps "
+                   "(default: full)")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's, 2)")
+    return miniature(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
