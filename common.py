@@ -3,7 +3,9 @@ The small things every other file needs, each in one place: logging, reading and
 crash never leaves half of one, downloads that resume, and where downloads are cached. Torch-free and
 project-free (it imports nothing of ours), so the judge and MAUVE can use it without torch installed.
 """
+import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -31,6 +33,32 @@ def inside(folder, name):
     if os.path.isabs(name) or os.path.commonpath([root, path]) != root or path == root:
         raise ValueError(f"{name!r}: refused, it would be written outside {folder}")
     return path
+
+
+def number(kind, low, strict=False, high=None):
+    """An argparse type: a finite `kind` >= low (> low if strict), <= high if given; argparse names the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+    return parse
+
+
+def refuse_same_paths(**paths):
+    """ValueError if two of the named files are one (compared resolved: symlinks, '..', relative paths):
+    `judge --out gens.jsonl --generations gens.jsonl` would overwrite its own input."""
+    seen = {}
+    for flag, path in paths.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{seen[real]} and {flag} are the same file ({path}); give them different paths")
+        seen[real] = flag
 
 
 # ----------------------------------------------------------------------------- token ids
@@ -64,6 +92,14 @@ def read_jsonl(path, skip_torn_last_line=False, check=None):
         if check is not None:
             check(rows[-1], where)
     return rows
+
+
+def text_field(field):
+    """read_jsonl's check that every row has `field` as a string."""
+    def check(row, where):
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise ValueError(f"{where}: expected an object whose {field!r} is a string")
+    return check
 
 
 def end_torn_line(f, path):

@@ -51,7 +51,8 @@ import hf
 import judge
 import mauve
 import tokenizer
-from common import cut_at_eos, end_torn_line, log, read_jsonl, write_atomic, write_folder_atomic, write_jsonl_atomic
+from common import (cut_at_eos, end_torn_line, log, number, read_jsonl, refuse_same_paths, text_field,
+                    write_atomic, write_folder_atomic, write_jsonl_atomic)
 from model import left_pad
 
 GREEDY = dict(temperature=0.0, top_k=None, top_p=None, num_beams=1, length_penalty=1.0)
@@ -226,23 +227,45 @@ def interpolate_folder(mle_dir, cpo_dir, alpha, out_dir, files=None):
     return write_folder_atomic(out_dir, fill)
 
 
+def alpha_folder(alpha):
+    return f"alpha_{alpha:g}"
+
+
+def parse_alphas(text):
+    """"0,0.3,1" -> [0.0, 0.3, 1.0]; ValueError for an entry that is not a number in [0, 1], or that repeats
+    another's folder name (6 significant digits): the second would overwrite the first."""
+    alphas = {}  # folder name: alpha
+    for item in text.split(","):
+        try:
+            alpha = float(item)
+        except ValueError:
+            raise ValueError(f"--alphas {text!r}: {item.strip()!r} is not a number") from None
+        if not 0 <= alpha <= 1 or alpha_folder(alpha) in alphas:  # NaN fails the range test too
+            raise ValueError(f"--alphas {text!r}: {item.strip()} is outside [0, 1], or another alpha there is also "
+                             f"written to {alpha_folder(alpha)}/ (give each once, differing within 6 digits)")
+        alphas[alpha_folder(alpha)] = alpha
+    return list(alphas.values())
+
+
 def interpolate(args):
-    alphas = [float(a) for a in args.alphas.split(",")]
-    if any(not 0 <= a <= 1 for a in alphas):
-        sys.exit(f"interpolate: alphas must lie in [0, 1], got {args.alphas}")
     try:
+        alphas = parse_alphas(args.alphas)
         files = check_same_architecture(args.mle, args.cpo)
     except ValueError as e:
         sys.exit(f"interpolate: {e}")
     for alpha in alphas:
-        out = interpolate_folder(args.mle, args.cpo, alpha, os.path.join(args.out, f"alpha_{alpha:g}"), files)
+        out = interpolate_folder(args.mle, args.cpo, alpha, os.path.join(args.out, alpha_folder(alpha)), files)
         log(f"interpolate: alpha {alpha:g} -> {out}")
 
 
 # ----------------------------------------------------------------------------- judge (judge.py does the asking)
+def cache_path(args):
+    return args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl")
+
+
 def client_settings(args):
     """judge.ask_all's keyword arguments from the command line; the key from the environment only."""
-    return dict(cache_path=args.cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl"),
+    return dict(cache_path=cache_path(args),
                 url=args.judge_url, model=args.judge_model, api_key=judge.api_key_from_env(args.api_key_env),
                 workers=args.workers, max_tokens=args.max_tokens, temperature=args.temperature, timeout=args.timeout,
                 max_retries=args.max_retries, backoff=args.backoff)
@@ -250,7 +273,9 @@ def client_settings(args):
 
 def judge_cmd(args):
     """Win rate of the generations against their references, both orders, from cache where possible."""
-    rows = read_jsonl(args.generations)
+    refuse_same_paths(**{"--generations": args.generations, "--out": args.out, "--cache": cache_path(args),
+                         "--out's summary": args.out + ".summary.json"})
+    rows = read_jsonl(args.generations, check=judge.check_generation)
     records, summary = judge.judge_generations(rows, args.task, **client_settings(args))
     write_jsonl_atomic(args.out, records)
     summary.update(generations=args.generations, config=rows[0].get("config") if rows else None)
@@ -262,8 +287,10 @@ def judge_cmd(args):
 def dpo_negatives_cmd(args):
     """The paper's DPO baseline: one unhelpful response per training example, written by the LLM."""
     if args.examples:
+        refuse_same_paths(**{"--examples": args.examples, "--out": args.out, "--cache": cache_path(args)})
         rows = read_jsonl(args.examples)
     else:  # the task's own examples, so the ids are the ones train.py's dpo objective looks up
+        refuse_same_paths(**{"--out": args.out, "--cache": cache_path(args)})
         tok = tokenizer.load_tokenizer(args.tokenizer)
         rows = [vars(e) for e in data.load_task(args.task, args.split, tok, args.max_len)]
     out = judge.dpo_rejected(rows, **client_settings(args))
@@ -305,14 +332,13 @@ def mauve_cmd(args):
     if args.p and args.q:
         p, q = np.load(args.p), np.load(args.q)
     elif args.p_text and args.q_text and args.featurizer:
-        p_texts = [r[args.p_field] for r in read_jsonl(args.p_text)]
-        q_texts = [r[args.q_field] for r in read_jsonl(args.q_text)]
+        p_texts = [r[args.p_field] for r in read_jsonl(args.p_text, check=text_field(args.p_field))]
+        q_texts = [r[args.q_field] for r in read_jsonl(args.q_text, check=text_field(args.q_field))]
         feats = featurize(p_texts + q_texts, args.featurizer, args.batch_size, args.max_len, args.device)
         p, q = feats[:len(p_texts)], feats[len(p_texts):]
     else:
         sys.exit("mauve: give --p and --q (.npy features), or --p-text, --q-text and --featurizer")
-    buckets = args.num_buckets if args.num_buckets == "auto" else int(args.num_buckets)
-    score = mauve.compute_mauve(p, q, num_buckets=buckets, kmeans_num_redo=args.kmeans_num_redo,
+    score = mauve.compute_mauve(p, q, num_buckets=args.num_buckets, kmeans_num_redo=args.kmeans_num_redo,
                                 kmeans_max_iter=args.kmeans_max_iter, seed=args.seed)
     result = {"mauve": score, "n_p": len(p), "n_q": len(q), "p": args.p or args.p_text, "q": args.q or args.q_text}
     if args.out:
@@ -351,8 +377,7 @@ def report(args):
             m = json.load(f)
         config = None
         if str(m.get("p", "")).endswith(".jsonl") and os.path.isfile(m["p"]):
-            with open(m["p"]) as f:
-                config = json.loads(f.readline()).get("config")
+            config = (read_jsonl(m["p"]) or [{}])[0].get("config")
         rows.setdefault(row_of(config, os.path.basename(path).removesuffix(".mauve.json")), {})["mauve"] = m["mauve"]
     lines = ["| method | alpha | decoding | win rate [95% CI] | n | MAUVE |", "|---|---|---|---|---|---|"]
     key = lambda r: (r[0], -1 if r[1] is None else r[1], r[2])
@@ -421,13 +446,15 @@ def add_client_flags(sp, max_tokens):
     sp.add_argument("--cache", default=None, help="append-only reply cache (default: judge_cache.jsonl next to --out)")
     sp.add_argument("--api-key-env", default="OPENAI_API_KEY",
                     help="name of the environment variable holding the API key (the key itself is never a flag)")
-    sp.add_argument("--workers", type=int, default=8, help="concurrent requests")
-    sp.add_argument("--timeout", type=float, default=60.0, help="seconds before one request is abandoned and retried")
-    sp.add_argument("--max-retries", type=int, default=8, help="retries per request before the run stops")
-    sp.add_argument("--backoff", type=float, default=1.0,
-                    help="first retry delay in seconds; doubles each retry, jittered x0.5-1.5, capped at 60s")
-    sp.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the judge")
-    sp.add_argument("--max-tokens", type=int, default=max_tokens, help="reply length limit")
+    sp.add_argument("--workers", type=number(int, 1), default=8, help="concurrent requests (>= 1)")
+    sp.add_argument("--timeout", type=number(float, 0, strict=True), default=60.0,
+                    help="seconds (> 0) before one request is abandoned and retried")
+    sp.add_argument("--max-retries", type=number(int, 0), default=8, help="retries per request before the run stops")
+    sp.add_argument("--backoff", type=number(float, 0, strict=True), default=1.0,
+                    help="first retry delay in seconds; doubles each retry, jittered x0.5-1.5, capped at 60s "
+                         "(a server's Retry-After too); Ctrl-C ends a wait at once, the cache keeps every answer")
+    sp.add_argument("--temperature", type=number(float, 0), default=0.0, help="sampling temperature of the judge")
+    sp.add_argument("--max-tokens", type=number(int, 1), default=max_tokens, help="reply length limit")
 
 
 def main(argv=None):
@@ -441,16 +468,18 @@ def main(argv=None):
     sp.add_argument("--model", required=True, help="HF model folder (a checkpoint, an interpolated model) or hub name")
     sp.add_argument("--task", required=True, help="data.py task: synthetic | dolly[:src] | wiki:<src> | jsonl:<src>")
     sp.add_argument("--split", default="test", help="split of the task")
-    sp.add_argument("--n", type=int, default=1000, help="prompts, a seeded choice among the split (0: all)")
+    sp.add_argument("--n", type=number(int, 0), default=1000, help="prompts, a seeded choice among the split (0: all)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the choice of prompts and of sampling")
     sp.add_argument("--out", required=True, help="jsonl to append to; ids already there are skipped")
-    sp.add_argument("--max-len", type=int, default=1024, help="data.py's max_len: prompt + reference tokens")
-    sp.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit")
-    sp.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
-    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    sp.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    sp.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of mass p (nucleus)")
-    sp.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (sampling flags ignored)")
+    sp.add_argument("--max-len", type=number(int, 2), default=1024,
+                    help="data.py's max_len: prompt + reference tokens")
+    sp.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="generation length limit")
+    sp.add_argument("--batch-size", type=number(int, 1), default=16, help="prompts per generate call")
+    sp.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy; > 0 samples")
+    sp.add_argument("--top-k", type=number(int, 1), default=None, help="sample among the k most likely tokens")
+    sp.add_argument("--top-p", type=number(float, 0, strict=True, high=1), default=None,
+                    help="sample within the smallest set of mass p (nucleus), 0 < p <= 1")
+    sp.add_argument("--num-beams", type=number(int, 1), default=1, help="> 1: beam search (sampling flags ignored)")
     sp.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob sum / length ** this")
     sp.add_argument("--device", default="cpu", help="e.g. cuda")
     sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -477,7 +506,7 @@ def main(argv=None):
     sp.add_argument("--split", default="train", help="split of --task")
     sp.add_argument("--tokenizer", help="folder with the tokenizer files of the model to train (data.py drops "
                     "examples by token length, so ids match train.py's)")
-    sp.add_argument("--max-len", type=int, default=1024, help="train.py's max_len, for the same examples")
+    sp.add_argument("--max-len", type=number(int, 2), default=1024, help="train.py's max_len, for the same examples")
     add_client_flags(sp, max_tokens=256)
     sp.set_defaults(func=dpo_negatives_cmd)
 
@@ -489,12 +518,14 @@ def main(argv=None):
     sp.add_argument("--p-field", default="generation", help="text field of --p-text")
     sp.add_argument("--q-field", default="reference", help="text field of --q-text")
     sp.add_argument("--featurizer", help="model folder or hub name for features (the reference uses gpt2-large)")
-    sp.add_argument("--batch-size", type=int, default=16, help="texts per featurizer forward pass")
-    sp.add_argument("--max-len", type=int, default=1024, help="tokens kept from the start of each text")
+    sp.add_argument("--batch-size", type=number(int, 1), default=16, help="texts per featurizer forward pass")
+    sp.add_argument("--max-len", type=number(int, 1), default=1024, help="tokens kept from the start of each text")
     sp.add_argument("--device", default="cpu", help="featurizer device, e.g. cuda")
-    sp.add_argument("--num-buckets", default="auto", help='k-means clusters, or "auto" = max(2, min(n_p, n_q) / 10)')
-    sp.add_argument("--kmeans-num-redo", type=int, default=5, help="k-means restarts; the best objective is kept")
-    sp.add_argument("--kmeans-max-iter", type=int, default=500, help="k-means iteration limit per restart")
+    sp.add_argument("--num-buckets", type=lambda t: t if t == "auto" else number(int, 1)(t), default="auto",
+                    help='k-means clusters (>= 1, at most either set\'s samples), or "auto" = max(2, min(n_p, n_q) / 10)')
+    sp.add_argument("--kmeans-num-redo", type=number(int, 1), default=5,
+                    help="k-means restarts; the best objective is kept")
+    sp.add_argument("--kmeans-max-iter", type=number(int, 1), default=500, help="k-means iteration limit per restart")
     sp.add_argument("--seed", type=int, default=25, help="seed of PCA subsampling and k-means initialisation")
     sp.add_argument("--out", default=None, help="also write the JSON result here (report reads *.mauve.json)")
     sp.set_defaults(func=mauve_cmd)
@@ -508,7 +539,7 @@ def main(argv=None):
         parser.error("dpo-negatives needs --examples, or --task and --tokenizer")
     try:
         return args.func(args)
-    except judge.JudgeError as e:
+    except (judge.JudgeError, ValueError) as e:  # a refusal that names its cause: one line, no traceback
         sys.exit(f"{args.command}: {e}")
 
 

@@ -15,19 +15,24 @@ Standard library and `requests` only, so this file can be copied into another pr
 
 Judging (the paper's templates, verbatim). Every pair is asked in both orders, the model's generation as
 A and then as B, against the ground truth. A pair is a win when both answers pick the model, a loss when
-both pick the ground truth, a tie when they split (position bias), and invalid when either answer is
-not a lone "A" or "B". Parsing is strict: trim whitespace, drop one trailing period, then the answer must
-be exactly one letter; we accept either case (" b " -> B: a lone lowercase letter is not ambiguous; the
-strictness is about refusing extra words, which we never guess at). win_rate = (wins + ties / 2) / n over
+both pick the ground truth, a tie when they split (position bias), and invalid when either answer does
+not start with one unambiguous choice. parse_choice accepts a lone letter in either case ("A", " b ", "A."),
+and the wrappings small instruct models put around it: "(A)", "**A**", "Response A", "Answer: B", and a
+choice followed by a colon and an explanation ("Response A: it lists...", "A: ..."); anything else
+("A or B", "A. B", "C", "'A'") is invalid, since we never guess. The summary lists the first few invalid
+replies, so a judge that answers in another shape is seen at once. win_rate = (wins + ties / 2) / n over
 the n valid pairs, with a 95% Wilson score interval for that proportion (each pair treated as a Bernoulli
 trial of the same mean: conservative, since a tie varies less than a coin, and never of zero width at 0
 or 1). single_order_win_rate is the paper's kind of number: the share of valid answers that pick the
 model when it is shown as Response A.
 
 The client. The API key is sent in the Authorization header and scrubbed from every message we print or
-raise. Timeouts, connection errors, 429, 5xx and malformed bodies are retried with exponential backoff;
-other HTTP errors fail at once. Transport failures (after retries) raise JudgeError; the cache keeps every
-answer so far. The cache is a jsonl file, append-only: {"key": sha256(json([judge model, prompt])),
+raise and from every reply before it is cached or returned (a server may quote our headers back); messages
+are scrubbed first and cut after, so no part of the key survives the cut. Timeouts, connection errors,
+429, 5xx and malformed bodies are retried with exponential backoff; other HTTP errors fail at once. A
+Retry-After is obeyed up to max_backoff (60 s), and every wait ends at once when the run stops (an error
+elsewhere, or Ctrl-C: the run ends promptly). Transport failures (after retries) raise JudgeError; the
+cache keeps every answer so far. The cache is a jsonl file, append-only: {"key": sha256(json([judge model, prompt])),
 "reply": text}. One line is written and flushed per answer, so a crash loses only the requests in
 flight; a line torn by a crash is skipped on reading.
 """
@@ -36,6 +41,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -55,13 +61,20 @@ DPO_NEGATIVE_TEMPLATE = ('Given the ground truth instruction and response, can y
 
 
 # ----------------------------------------------------------------------------- verdicts and summary
+CHOICE = re.compile(r"""
+    (?:answer\s*:\s*)?                      # "Answer: B"
+    (?:(?:response|continuation)\s*:?\s*)?  # "Response A"
+    (\()?([AB])(?(1)\))                     # "A" or "(A)"
+    \s*(?:\.|:.*)?                          # then nothing, one period, or a colon and an explanation
+    """, re.IGNORECASE | re.DOTALL | re.VERBOSE)
+
+
 def parse_choice(reply):
-    """Strict: "A" or "B" (either case) once surrounding whitespace and one trailing period are removed,
-    else None. "A." -> A, " b " -> B, "C" / "A or B" / "Response A" -> None."""
-    s = reply.strip()
-    if s.endswith("."):
-        s = s[:-1]
-    return s.upper() if s in ("A", "B", "a", "b") else None
+    """One unambiguous leading choice -> "A" or "B", else None. Markdown asterisks are dropped first.
+    "A", " b ", "A.", "(A)", "**A**", "Response A", "Answer: B", "A: because..." -> the letter;
+    "C", "A or B", "A. B", "AB", "'A'", "" -> None."""
+    m = CHOICE.fullmatch(reply.replace("*", "").strip())
+    return m.group(2).upper() if m else None
 
 
 def pair_verdict(choice_model_as_a, choice_model_as_b):
@@ -91,19 +104,41 @@ def summarize(verdicts, choices_model_as_a):
             "single_order_win_rate": single.count("A") / len(single) if single else None}
 
 
+def check_generation(row, where):
+    """A row judge_generations can use (read_jsonl's check): an id and the three texts as strings; a null
+    generation would otherwise be judged as the text "None". ValueError naming `where`."""
+    if not isinstance(row, dict) or "id" not in row:
+        raise ValueError(f"{where}: expected an object with an id, got {str(row)[:80]}")
+    for field in ("prompt", "reference", "generation"):
+        if not isinstance(row.get(field), str):
+            raise ValueError(f"{where}: {field!r} must be a string, got {json.dumps(row.get(field))[:80]}")
+
+
 def judge_generations(rows, task, cache_path, **client):
     """Rows {"id", "prompt", "reference", "generation"} -> (one record per row {"id", "verdict",
     "reply_model_as_a", "reply_model_as_b"}, summarize's dict). client: ask_all's keyword arguments."""
     template = JUDGE_TEMPLATES[task]
     prompts = []
-    for r in rows:
+    for i, r in enumerate(rows):
+        check_generation(r, f"row {i}")
         prompts.append(template.format(r["prompt"], r["generation"], r["reference"]))  # model is A
         prompts.append(template.format(r["prompt"], r["reference"], r["generation"]))  # model is B
     replies = ask_all(prompts, cache_path, **client)
     choices = [parse_choice(r) for r in replies]
     records = [{"id": r["id"], "verdict": pair_verdict(choices[2 * i], choices[2 * i + 1]),
                 "reply_model_as_a": replies[2 * i], "reply_model_as_b": replies[2 * i + 1]} for i, r in enumerate(rows)]
-    return records, summarize([r["verdict"] for r in records], choices[0::2])
+    summary = summarize([r["verdict"] for r in records], choices[0::2])
+    summary["invalid_replies"] = first_invalid(replies, choices)
+    return records, summary
+
+
+def first_invalid(replies, choices, n=5, width=200):
+    """The first n distinct replies parse_choice refused, each cut to width characters: why pairs were invalid."""
+    seen = []
+    for reply, choice in zip(replies, choices):
+        if choice is None and reply[:width] not in seen:
+            seen.append(reply[:width])
+    return seen[:n]
 
 
 def dpo_rejected(rows, cache_path, **client):
@@ -148,13 +183,31 @@ def parse_retry_after(value):
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)  # "1e999" is inf: capped by the caller like any long wait
+        return None if math.isnan(seconds) else max(0.0, seconds)
     except ValueError:
         pass
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def pause(seconds, stop):
+    """Wait seconds, or less if stop is set meanwhile (Ctrl-C, or a failure elsewhere): True if stopped.
+    An Event, not time.sleep, so an interrupted run's worker threads end at once and Python can exit."""
+    return stop.wait(seconds)
+
+
+def check_client_settings(workers=1, timeout=60.0, max_retries=8, backoff=1.0, max_backoff=60.0, **_):
+    """ValueError naming the setting, before any request is sent."""
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if not (isinstance(max_retries, int) and max_retries >= 0):
+        raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    for name, value in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
 def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.0, timeout=60.0, max_retries=8,
@@ -167,21 +220,23 @@ def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "temperature": temperature, "max_tokens": max_tokens}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    check_client_settings(timeout=timeout, max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
+    stop = stop or threading.Event()
     for attempt in range(max_retries + 1):
-        if stop is not None and stop.is_set():
-            raise JudgeError("stopped: the run failed on another request")
+        if stop.is_set():
+            raise JudgeError("stopped: the run failed on another request or was interrupted")
         wait = None
         try:
             r = http_session().post(url.rstrip("/") + "/chat/completions", json=body, headers=headers, timeout=timeout)
             if r.status_code == 429 or r.status_code >= 500:
                 problem, wait = f"HTTP {r.status_code}", parse_retry_after(r.headers.get("Retry-After"))
             elif r.status_code != 200:
-                raise JudgeError(scrub(f"HTTP {r.status_code} from {url}: {r.text[:300]}", api_key))
+                raise JudgeError(scrub(f"HTTP {r.status_code} from {url}: {r.text}", api_key)[:300])  # scrub, then cut
             else:
                 try:
                     reply = r.json()["choices"][0]["message"]["content"]
                     if isinstance(reply, str):
-                        return reply
+                        return scrub(reply, api_key)  # a server that quotes our headers: never cache the key
                 except (ValueError, KeyError, IndexError, TypeError):
                     pass
                 problem = "malformed response body"
@@ -189,12 +244,14 @@ def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.
             problem = scrub(f"{type(e).__name__}: {e}", api_key)[:300]
         except requests.RequestException as e:  # e.g. a key with a newline: the message would quote the header
             raise JudgeError(scrub(f"request to {url} failed: {type(e).__name__}: {e}", api_key)) from None
-        if attempt == max_retries or (stop is not None and stop.is_set()):
+        if attempt == max_retries or stop.is_set():
             break
         if wait is None:
-            wait = min(max_backoff, backoff * 2 ** attempt) * random.uniform(0.5, 1.5)  # jitter: no thundering herd
+            wait = backoff * 2 ** attempt * random.uniform(0.5, 1.5)  # jitter: no thundering herd
+        wait = min(max_backoff, wait)  # a Retry-After of an hour (or 1e999) too
         log(f"judge: {problem}; retry {attempt + 1}/{max_retries} in {wait:.2f}s")
-        time.sleep(wait)
+        if pause(wait, stop):
+            raise JudgeError("stopped: the run failed on another request or was interrupted")
     raise JudgeError(f"giving up on a request after {max_retries + 1} attempts, last: {problem}")
 
 
@@ -221,8 +278,9 @@ def ask_all(prompts, cache_path, url, model, api_key="", workers=8, **request):
     """Replies to all prompts, in order. Only the prompts missing from the cache are sent (each distinct
     prompt once), `workers` at a time; every reply is appended to the cache and flushed as it arrives.
     request: chat_completion's keyword arguments (max_tokens, temperature, timeout, max_retries, backoff)."""
+    check_client_settings(workers, **request)
     keys = [cache_key(model, p) for p in prompts]
-    cache = load_cache(cache_path)
+    cache = {k: scrub(v, api_key) for k, v in load_cache(cache_path).items()}  # a cache from before scrubbing
     todo = {k: p for k, p in zip(keys, prompts) if k not in cache}
     log(f"judge: {len(prompts)} prompts, {len(prompts) - len(todo)} answered in {cache_path}, sending {len(todo)}")
     if not todo:
@@ -246,6 +304,9 @@ def ask_all(prompts, cache_path, url, model, api_key="", workers=8, **request):
                 if done % 50 == 0 or done == len(todo):
                     eta = (time.time() - t0) / done * (len(todo) - done)
                     log(f"judge: {done}/{len(todo)} answered, ETA {eta:.0f}s")
+    except KeyboardInterrupt:
+        log(f"judge: interrupted; {len(cache)} answers kept in {cache_path}, a rerun sends only the rest")
+        raise
     finally:  # on an error or Ctrl-C: drop the queued requests, and retry none of those in flight
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)

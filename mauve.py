@@ -12,7 +12,9 @@ which moves the score beyond k-means' seed noise: k-means stops at a fixed point
 500 iterations (same result, much faster), and the area is integrated along the mixture-weight order
 instead of after sorting the points, so exact ties (p == q) give 1 rather than whatever order the sort
 picked. The features are the caller's: the reference uses gpt2-large's final-layer hidden state at each
-text's last token (`evaluate.featurize` computes that from any model folder).
+text's last token (`evaluate.featurize` computes that from any model folder). Inputs that cannot give a
+meaningful score are refused with a ValueError: non-finite features, fewer samples in either set than
+clusters, sets of different dimensions.
 """
 import numpy as np
 import scipy.sparse
@@ -22,14 +24,31 @@ def compute_mauve(p_features, q_features, num_buckets="auto", pca_max_data=-1, k
                   kmeans_num_redo=5, kmeans_max_iter=500, divergence_curve_discretization_size=25,
                   mauve_scaling_factor=5, seed=25):
     """MAUVE between feature sets p (n_p, d) and q (n_q, d), as mauve-text 0.4.0 computes it. -> float"""
-    p, q = np.asarray(p_features, np.float64), np.asarray(q_features, np.float64)
+    p, q = check_features(p_features, "p_features"), check_features(q_features, "q_features")
+    if p.shape[1] != q.shape[1]:
+        raise ValueError(f"p_features has {p.shape[1]} dimensions but q_features {q.shape[1]}")
     if num_buckets == "auto":  # the reference's heuristic: about 10 points per cluster
         num_buckets = max(2, int(round(min(len(p), len(q)) / 10)))
-    elif not isinstance(num_buckets, int):
-        raise ValueError('num_buckets must be an integer or "auto"')
+    elif isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
+        raise ValueError(f'num_buckets must be an integer >= 1 or "auto", got {num_buckets!r}')
+    if min(len(p), len(q)) < num_buckets:  # a histogram over k clusters needs at least k points of each set
+        raise ValueError(f"MAUVE with {num_buckets} clusters needs at least {num_buckets} samples in each set, got "
+                         f"{len(p)} in p_features and {len(q)} in q_features")
     p_hist, q_hist = quantize(p, q, num_buckets, pca_max_data, kmeans_explained_var, kmeans_num_redo,
                               kmeans_max_iter, seed)
     return mauve_from_histograms(p_hist, q_hist, divergence_curve_discretization_size, mauve_scaling_factor)
+
+
+def check_features(x, name):
+    """A (n, d) float64 array of finite numbers, else a ValueError naming the argument."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty (n, d) array, got shape {x.shape}")
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        raise ValueError(f"{name} has non-finite values (NaN or inf) in {bad.sum()} of {len(x)} rows, "
+                         f"first row {np.flatnonzero(bad)[0]}")
+    return x
 
 
 def quantize(p, q, k, pca_max_data, explained_var, num_redo, max_iter, seed):
