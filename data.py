@@ -15,6 +15,7 @@ place that adds them and the only place that truncates. Every loader prints one 
 """
 import functools
 import hashlib
+import math
 import os
 import random
 from collections import Counter
@@ -29,7 +30,7 @@ from common import cut_at_eos
 
 DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 SPLIT_SALT = "nanocpo-split-v1"  # part of every train/test split: changing it reshuffles them all
-TRAIN_ROWS, ALL_ROWS = 7505, 15011  # the paper's Dolly split, kept as a proportion for any file
+TRAIN_ROWS, ALL_ROWS = 7505, 15011  # the paper's Dolly split (also used for wiki: files, the paper's other task)
 
 
 @dataclass
@@ -134,11 +135,11 @@ def read_jsonl(path, required, optional=()):
     return common.read_jsonl(path, check=check)
 
 
-def split_indices(keys, split):
+def split_indices(keys, split, train_fraction=TRAIN_ROWS / ALL_ROWS):
     """Which items (by index, in file order) belong to `split`: "train", "test" or "all".
 
-    Items are ordered by sha256(salt + content key) and the first floor(N * 7505 / 15011) are train:
-    exactly the paper's 7505 / 7506 for Dolly's 15011 rows, the same proportion for any other N.
+    Items are ordered by sha256(salt + content key) and the first floor(N * train_fraction) are train:
+    by default 7505 / 15011, exactly the paper's 7505 / 7506 for Dolly's 15011 rows.
     Hashing the content (not Python's salted hash(), not random.shuffle) gives the same split on every
     machine and Python version, and whatever the line order; identical rows tie and keep file order.
     """
@@ -147,7 +148,8 @@ def split_indices(keys, split):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     rank = sorted(range(len(keys)), key=lambda i: (hashlib.sha256((SPLIT_SALT + keys[i]).encode()).digest(), i))
-    n_train = len(keys) * TRAIN_ROWS // ALL_ROWS
+    n_train = len(keys) * TRAIN_ROWS // ALL_ROWS if train_fraction == TRAIN_ROWS / ALL_ROWS else \
+        math.floor(len(keys) * train_fraction + 1e-9)  # the paper's split stays integer arithmetic
     return sorted(rank[:n_train] if split == "train" else rank[n_train:])
 
 # ----------------------------------------------------------------------------- Dolly, Wikipedia, generic jsonl
@@ -213,13 +215,15 @@ def load_wiki(source, tokenizer, max_len, prefix_fraction=0.15, split="all", cac
     return examples
 
 
-def load_jsonl(source, tokenizer, max_len, split="all", cache_dir=None):
-    """Generic pairs {"prompt", "response"[, "id"]}, used verbatim; id defaults to "<file>-<row>"."""
+def load_jsonl(source, tokenizer, max_len, split="all", cache_dir=None, val_fraction=0.0):
+    """Generic pairs {"prompt", "response"[, "id"]}, used verbatim; id defaults to "<file>-<row>".
+    Your own data: "train" is every row and "test" none, unless val_fraction holds some out (by the
+    same content hash as split_indices). The paper's split is Dolly's, not this file's."""
     path = fetch(source, cache_dir)
     rows = read_jsonl(path, ("prompt", "response"))
     name = os.path.splitext(os.path.basename(urlparse(source).path if "://" in source else source))[0]
     stats, examples = Counter(), []
-    for i in split_indices([r["prompt"] + "\x1f" + r["response"] for r in rows], split):
+    for i in split_indices([r["prompt"] + "\x1f" + r["response"] for r in rows], split, 1.0 - val_fraction):
         r = rows[i]
         ex = encode_example(r.get("id", f"{name}-{i}"), r["prompt"], r["response"], tokenizer, max_len, stats)
         if ex:
@@ -339,10 +343,12 @@ def score_synthetic(gen_ids, ref_ids, eos_id):
 
 # ----------------------------------------------------------------------------- one entry point, one batch
 
-def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None):
+def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None, val_fraction=0.0):
     """name: "synthetic" | "dolly" | "dolly:<path-or-url>" | "wiki:<path-or-url>" | "jsonl:<path-or-url>".
     split: "train" | "test" ("all" too for files). n: the first n examples of the split (synthetic
-    default: 20000 train, 500 test); seed: the synthetic task's."""
+    default: 20000 train, 500 test); seed: the synthetic task's. The paper's split applies to dolly
+    (the Dolly dataset, from the hub or a copy of it given by path) and wiki; a jsonl: file trains on
+    all its rows unless val_fraction holds some out."""
     kind, _, source = name.partition(":")
     if kind == "synthetic":
         n_default = 20000 if split == "train" else 500
@@ -350,8 +356,10 @@ def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None):
     if kind == "dolly":
         examples = load_dolly(source or DOLLY_URL, tokenizer, split, max_len, cache_dir)
     elif kind in ("wiki", "jsonl") and source:
-        load = load_wiki if kind == "wiki" else load_jsonl
-        examples = load(source, tokenizer, max_len, split=split, cache_dir=cache_dir)
+        if kind == "wiki":
+            examples = load_wiki(source, tokenizer, max_len, split=split, cache_dir=cache_dir)
+        else:
+            examples = load_jsonl(source, tokenizer, max_len, split=split, cache_dir=cache_dir, val_fraction=val_fraction)
     else:
         raise ValueError(f"unknown task {name!r}: use synthetic, dolly[:src], wiki:<src> or jsonl:<src>")
     return examples[:n] if n is not None else examples

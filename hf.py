@@ -12,7 +12,7 @@ import torch
 
 from common import cache_dir, download, write_folder_atomic
 from model import ModelConfig, Transformer
-from tokenizer import load_tokenizer
+from tokenizer import COMPANION_FILES, load_tokenizer
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
@@ -252,7 +252,9 @@ def write_safetensors(path, tensors, metadata=None):
 # ----------------------------------------------------------------------------- loading an HF folder
 WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json",  # in order of preference
                 "pytorch_model.bin", "pytorch_model.bin.index.json"]
-TOKENIZER_FILES = ["tokenizer.model", "vocab.json", "merges.txt"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"]
+# any of these means the folder has a tokenizer: load_tokenizer reads it or says why it can't, never None
+TOKENIZER_SIGNS = TOKENIZER_FILES + ["vocab.txt", "spiece.model", "tokenizer_config.json"]
 
 
 def _read_weight_file(path):
@@ -296,7 +298,8 @@ def read_hf_weights(folder):
 
 def load(path, device="cpu", dtype=None):
     """A local HF folder or a hub name ("gpt2-xl", "openlm-research/open_llama_3b") -> (model, tokenizer).
-    tokenizer is None when the folder has no tokenizer files. dtype None = the checkpoint's torch_dtype.
+    tokenizer is None when the folder has no tokenizer files; when it has one, its BOS/EOS (tokenizer.special_ids)
+    become the model config's. dtype None = the checkpoint's torch_dtype.
     The model is built on the meta device and takes the memory-mapped tensors as they are: one copy."""
     path = os.fspath(path)
     folder = path if os.path.isdir(path) else hub_download(path)
@@ -323,11 +326,14 @@ def load(path, device="cpu", dtype=None):
         del sd["lm_head.weight"]  # it is tok_emb.weight: convert it once, the model re-ties it on load
     for k, v in sd.items():  # one tensor at a time, so a dtype change never holds two whole models
         sd[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+    has_tokenizer = any(os.path.isfile(os.path.join(folder, t)) for t in TOKENIZER_SIGNS)
+    tok = load_tokenizer(folder) if has_tokenizer else None
+    if tok is not None:  # the folder's special ids by tokenizer.special_ids' one rule, for generate() too
+        config.bos_id, config.eos_id = tok.specials["bos"], tok.eos_id
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(sd, assign=True)
-    has_tokenizer = any(os.path.isfile(os.path.join(folder, t)) for t in TOKENIZER_FILES)
-    return model.eval(), load_tokenizer(folder) if has_tokenizer else None
+    return model.eval(), tok
 
 
 # ----------------------------------------------------------------------------- saving an HF folder
@@ -339,6 +345,8 @@ def save_pretrained(model, dir, tokenizer=None, max_shard_bytes=5 * 2**30):
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # as HF does: the head is the embedding, re-tied on load
     hf = dict(config_to_hf(config), torch_dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    if tokenizer is not None:
+        hf.update(special_token_ids(tokenizer))
     shards, size = [{}], 0  # greedy, in order: a new shard when the next tensor would overflow this one
     for k, t in sd.items():
         nbytes = t.numel() * t.element_size()
@@ -363,7 +371,24 @@ def save_pretrained(model, dir, tokenizer=None, max_shard_bytes=5 * 2**30):
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save(tmp)
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(generation_config(tokenizer), f, indent=2)
     write_folder_atomic(dir, fill)
+
+
+def special_token_ids(tokenizer):
+    """config.json's bos/eos/pad_token_id: the tokenizer's, so config, generation config and tokenizer agree."""
+    return {f"{k}_token_id": v for k, v in tokenizer.specials.items()}
+
+
+def generation_config(tokenizer):
+    """The folder's generation_config.json with the tokenizer's special ids. A list of EOS ids that
+    holds the tokenizer's EOS stays (generate stops on any of them); else EOS is the tokenizer's."""
+    gc = json.loads(tokenizer.files.get("generation_config.json", b"{}"))
+    eos = gc.get("eos_token_id")
+    keep = isinstance(eos, list) and tokenizer.eos_id in eos
+    gc.update(special_token_ids(tokenizer), eos_token_id=eos if keep else tokenizer.eos_id)
+    return gc
 
 
 # ----------------------------------------------------------------------------- hub downloads
@@ -400,6 +425,6 @@ def hub_download(repo):
     else:
         raise ValueError(f"{endpoint}/{repo}: no weights file ({', '.join(WEIGHT_FILES)})")
     if not any(os.path.isfile(os.path.join(folder, t)) for t in TOKENIZER_FILES):
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES + COMPANION_FILES:
             fetch(name, optional=True)
     return folder

@@ -3,6 +3,7 @@ Train a language model with MLE or with sequence-level Contrastive Preference Op
 (Feng et al. 2024), on a laptop CPU or on many GPUs.
 
     python train.py                                    # the embedded CPU default (see config/default.py)
+    python train.py --init_from=FOLDER --task=jsonl:FILE --objective=cpo   # ONE run: flags, no preset
     python train.py config/dolly_gpt2xl_mle.py         # one run of the paper
     python train.py config/dolly_gpt2xl_mixnr.py --steps=200 --lr=2e-5     # flags override the preset
     torchrun --standalone --nproc_per_node=8 train.py config/dolly_gpt2xl_mixnr.py
@@ -64,6 +65,8 @@ class Config:
     max_len: int = opt(64, "tokens per sequence, prompt + continuation (longer prompts are cut from the left)")
     n_train: int = opt(0, "training examples to use (0: all; the synthetic task generates this many, default 20000)")
     n_val: int = opt(128, "held-out examples for the held-out loss and the final evaluation")
+    val_fraction: float = opt(0.0, "jsonl: tasks: the fraction of your rows held out (0: train on every row, no held-out loss; dolly and wiki keep the paper's split)")
+    val_task: str = opt("", "held-out examples from this task instead of --task's test split (a jsonl: file: all its rows)")
     # objective
     objective: str = opt("mle", "mle | cpo | dpo | pss")
     negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
@@ -123,10 +126,18 @@ def parse_bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+ONE_RUN = """Which runs: bare `python train.py` runs the embedded default, config/default.py's stages (ref, mle,
+cpo) and a comparison table. Any flag without a preset makes exactly ONE run with these defaults and your
+flags, e.g. fine-tuning your own HF folder on your own prompt/response jsonl:
+    python train.py --init_from=FOLDER --task=jsonl:pairs.jsonl --objective=cpo --out_dir=out/mine
+A preset file runs its config (and its stages, if it has any: `python train.py config/default.py --steps=3`)."""
+
+
 def parse_args(argv):
     """`train.py [preset.py] [--key=value ...]`: the preset overrides the defaults, flags override both."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", nargs="?", default=None, help="a config/*.py preset (default: config/default.py)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ONE_RUN)
+    p.add_argument("preset", nargs="?", default=None, help="a config/*.py preset; with none, flags alone make ONE run "
+                   "(only a bare `python train.py` runs config/default.py's stages)")
     for f in dataclasses.fields(Config):
         kind = {bool: parse_bool, int: int, float: float, str: str}[f.type]
         p.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper() if kind is not parse_bool else "BOOL",
@@ -333,6 +344,16 @@ def lr_at(step, cfg):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
+def heldout_set(cfg, tok):
+    """--val_task's examples (all rows of a jsonl: file), else --task's test split (empty for your own
+    jsonl unless --val_fraction holds rows out): the first n_val."""
+    if cfg.val_task:
+        split = "all" if cfg.val_task.startswith("jsonl:") else "test"
+        return data.load_task(cfg.val_task, split, tok, cfg.max_len, n=cfg.n_val, seed=cfg.seed)[:cfg.n_val]
+    return data.load_task(cfg.task, "test", tok, cfg.max_len, n=cfg.n_val, seed=cfg.seed,
+                          val_fraction=cfg.val_fraction)[:cfg.n_val]
+
+
 def heldout_loss(model, examples, pad_id, device, autocast, batch_size=32):
     """Mean next-token NLL of the held-out continuations."""
     nll, tokens = 0.0, 0
@@ -393,8 +414,9 @@ def train(cfg):
 
     model, tok = build_model(cfg)
     ref = frozen_copy(model) if cfg.objective in ("cpo", "dpo") else None
-    train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed)
-    val_set = data.load_task(cfg.task, "test", tok, cfg.max_len, n=cfg.n_val, seed=cfg.seed)[:cfg.n_val]
+    train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed,
+                               val_fraction=cfg.val_fraction)
+    val_set = heldout_set(cfg, tok)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     model.to(device)
@@ -455,7 +477,7 @@ def train(cfg):
             extra = f" | acc {sums[1] / cfg.batch_size:.2f} margin {sums[2] / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
             mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
             log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
-        if master and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
+        if master and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
             log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
             log(f"saved {save_checkpoint(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
@@ -506,7 +528,9 @@ def main(argv):
     preset, flags = parse_args(argv)
     path = preset or os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "default.py")
     base, stages = load_preset(path)
-    if stages:
+    if preset is None and flags:  # flags alone: exactly one run, never the default's stages (see ONE_RUN)
+        train(Config(**flags))
+    elif stages:
         run_pipeline(path, flags)
     else:
         train(Config(**{**base, **flags}))

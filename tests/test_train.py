@@ -29,6 +29,7 @@ def tiny_config(**overrides):
 
 
 SINGLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_run_preset.py")  # one run, no stages
+DEFAULT = os.path.join(ROOT, "config", "default.py")  # named explicitly: the stages, with the flags applied to each
 
 
 def run(args, nproc=1, check=True, preset=SINGLE):
@@ -154,13 +155,14 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
 
 
 def test_default_pipeline_prints_table(tmp_path):
-    """`python train.py`, shortened: every stage runs a few steps, then the comparison table."""
-    out = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=None)
+    """`python train.py`, shortened (the default preset named, so flags do not make it one run): every stage
+    runs a few steps, then the comparison table."""
+    out = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=DEFAULT)
     for stage in ("ref", "mle", "cpo"):
         assert f"=== stage {stage}" in out.stdout and os.path.isdir(tmp_path / stage / "final")
     assert "| model | exact_match | correct_stop" in out.stdout
     assert "| cpo |" in out.stdout
-    again = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=None)
+    again = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=DEFAULT)
     assert "already trained" in again.stdout  # a rerun continues the pipeline instead of starting over
 
 
