@@ -124,22 +124,45 @@ def autoregressive_negatives(model, prompt_ids, n, top_k=50, max_new_tokens=128,
 
 # ----------------------------------------------------------------------------- BN: batch
 
-def batch_negatives(continuations, n, generator=None, allow_fewer=False):
-    """BN: for each row, n other rows' ground-truth continuations, drawn without replacement.
-    Never the row's own continuation, nor any with identical tokens; candidates with identical tokens
-    count once. A batch with fewer than n candidates for some row raises ValueError, unless
-    allow_fewer=True: then that row gets every candidate it has (build_cpo_batch marks the rest invalid)."""
+def batch_negatives(continuations, n, generator=None, allow_fewer=False, pool=None):
+    """BN: for each row, n other ground-truth continuations, drawn without replacement from `pool`
+    (default: the rows themselves). Never the row's own continuation, nor any with identical tokens;
+    candidates with identical tokens count once, in the pool's order. A row with fewer than n candidates
+    raises ValueError, unless allow_fewer=True: then it gets every candidate it has (build_cpo_batch marks
+    the rest invalid).
+    The rule in training (train.py): the pool is the step's whole GLOBAL batch (data.global_batch, a pure
+    function of step and seed that every rank computes), as in the paper's §3 where the negatives of x_i are
+    {y_j}_{j != i} of the batch. An example's BN negatives are therefore the same for any micro-batch size
+    and world size, and no rank talks to another to get them."""
     gens = _per_row(generator, len(continuations))
+    pool = continuations if pool is None else pool
+    distinct = list(dict.fromkeys(tuple(c) for c in pool))
     out = []
     for i, own in enumerate(continuations):
-        candidates = list(dict.fromkeys(tuple(c) for c in continuations if list(c) != list(own)))
+        candidates = [c for c in distinct if c != tuple(own)]
         if len(candidates) < n and not allow_fewer:
             raise ValueError(f"batch_negatives: row {i} has only {len(candidates)} distinct other "
-                             f"continuations in a batch of {len(continuations)}, asked for {n}; use a "
+                             f"continuations in a batch of {len(pool)}, asked for {n}; use a "
                              f"bigger batch, fewer bn negatives, or allow_fewer=True")
         pick = torch.randperm(len(candidates), generator=gens[i])[:n].tolist()
         out.append([list(candidates[j]) for j in pick])
     return out
+
+
+def bn_shortfall(continuations, n):
+    """BN columns a batch leaves invalid: for each row, how many of its n negatives are missing because the
+    batch holds fewer than n distinct continuations other than its own (repeated examples or answers)."""
+    others = len(set(tuple(c) for c in continuations)) - 1  # every row's own answer is among the distinct ones
+    return len(continuations) * max(0, n - others)
+
+
+def check_bn_satisfiable(n, continuations, batch_size):
+    """Refuse, before training, only a BN count n that no batch of this data set could satisfy: a batch holds
+    at most min(batch_size, distinct continuations) distinct answers, one of them the row's own."""
+    best = min(batch_size, len(set(tuple(c) for c in continuations))) - 1
+    if n > best:
+        raise ValueError(f"{n} batch negatives asked for, but a batch of {batch_size} from "
+                         f"this data set holds at most {best} distinct other continuations")
 
 # ----------------------------------------------------------------------------- MN: mean-field
 
@@ -216,7 +239,7 @@ def rank_by_similarity(embeddings, valid=None):
 
 def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_cache=None, ranked=False,
                     embed_fn=mean_pooled_embedding, allow_fewer=False, fraction=0.15,
-                    max_new_tokens=None):
+                    max_new_tokens=None, bn_pool=None, mn_model=None, return_kinds=False):
     """examples (data.Example) -> input_ids (B, K, T), cont_mask (B, K, T), valid (B, K), on the CPU.
     Column 0 is the ground truth, then the spec's negatives in the spec's order (K = 1 + their sum).
     `model` should be the frozen reference: it samples AN/MN and embeds for ranking.
@@ -228,7 +251,11 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     that equals the ground truth; such a column holds a copy of the ground truth, so every score is
     finite. ranked=True reorders columns 1.. by rank_by_similarity(embed_fn(model, ids, mask)):
     the column order is then eq. 2's tau. fraction: MN's share of positions; max_new_tokens: AN without
-    a cache (default: the longest ground-truth continuation in the batch)."""
+    a cache (default: the longest ground-truth continuation in the batch).
+    bn_pool: the continuations BN draws from (default: these examples'; train.py passes the global batch's,
+    see batch_negatives). mn_model: the model MN samples from (default: `model`; train.py passes pi_theta,
+    the policy being trained, as §3 defines MN). return_kinds: also return (B, K) column kinds, 0 for the
+    ground truth, else 1 + KINDS.index(kind), in the returned column order."""
     kinds = parse_spec(spec) if isinstance(spec, str) else list(spec)
     base = int(torch.randint(0, 2**62, (1,), generator=generator))
     gts = [list(ex.continuation_ids) for ex in examples]
@@ -243,12 +270,12 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
                                             max_new_tokens=max_new_tokens or max(map(len, gts)),
                                             generator=make_generator(base, "an", device=device))
         elif kind == "bn":
-            negs = batch_negatives(gts, n, gens, allow_fewer=allow_fewer)
+            negs = batch_negatives(gts, n, gens, allow_fewer=allow_fewer, pool=bn_pool)
         elif kind == "tn":
             negs = [truncation_negatives(gt, n, eos_id, g) for gt, g in zip(gts, gens)]
         else:  # mn
             ids, mask = pad_right([ex.prompt_ids for ex in examples], gts, pad_id)
-            out = meanfield_negatives(model, ids, mask, n, fraction, gens, eos_id=eos_id)  # (B, n, T)
+            out = meanfield_negatives(mn_model or model, ids, mask, n, fraction, gens, eos_id=eos_id)  # (B, n, T)
             negs = [[out[i, j][mask[i]].tolist() for j in range(n)] for i in range(len(examples))]
         for row, neg in zip(rows, negs):
             row += neg + [None] * (n - len(neg))
@@ -259,12 +286,14 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     ids, mask = pad_right(prompts, conts, pad_id)  # (B*K, T)
     B, K = valid.shape
     input_ids, cont_mask = ids.view(B, K, -1), mask.view(B, K, -1)
+    kinds_bk = torch.tensor([0] + [1 + KINDS.index(kind) for kind, n in kinds for _ in range(n)]).repeat(B, 1)  # (B, K)
     if ranked:
         order = rank_by_similarity(embed_fn(model, ids, mask).view(B, K, -1), valid).cpu()  # (B, K)
         input_ids = input_ids.gather(1, order[:, :, None].expand_as(input_ids))
         cont_mask = cont_mask.gather(1, order[:, :, None].expand_as(cont_mask))
         valid = valid.gather(1, order)
-    return input_ids, cont_mask, valid
+        kinds_bk = kinds_bk.gather(1, order)
+    return (input_ids, cont_mask, valid, kinds_bk) if return_kinds else (input_ids, cont_mask, valid)
 
 
 def _from_cache(an_cache, example_id, n):

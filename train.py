@@ -70,6 +70,7 @@ class Config:
     # objective
     objective: str = opt("mle", "mle | cpo | dpo | pss")
     negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
+    mn_model: str = opt("policy", "cpo: MN samples from 'policy' (pi_theta, as the paper's §3: the current weights, no grad; its samples change every step, so their log pi_ref is computed every step, never cached) or 'ref' (pi_ref: fixed samples per seed and example, scored once and cached; not the paper's)")
     ranked: bool = opt(False, "cpo: the ranked loss, eq. (2), ordering negatives by cosine similarity to the ground truth")
     beta: float = opt(5.0, "cpo/dpo: inverse temperature of the implicit reward")
     mle_weight: float = opt(0.0, "cpo: alpha in alpha * L_MLE + L_CPO")
@@ -89,7 +90,9 @@ class Config:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     # system
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = opt("auto", "auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
+    dtype: str = opt("auto", "compute: auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16; the trained weights and AdamW's state are float32 always")
+    ref_dtype: str = opt("float32", "pi_ref's weights: float32 | bfloat16 (CUDA only: half pi_ref's memory, but log pi_ref then comes from bf16-rounded weights, ~3 significant digits per weight, an error of order 1e-2 or more in a sequence's summed log-prob)")
+    save_dtype: str = opt("auto", "final/'s weights: auto (the starting checkpoint's dtype; float32 from scratch) | float32 | bfloat16 | float16. ckpt-N/ is always float32 (exact resume)")
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(0, "seed of data order, negatives and initialisation")
     # output
@@ -160,6 +163,7 @@ class Runtime:
     ref_cache: dict | None = field(default_factory=dict)  # sequence key -> log pi_ref (None: no cache)
     an_cache: dict | None = None  # example id -> AN negatives (negatives.load_an_cache)
     rejected: dict | None = None  # example id -> DPO's rejected Example (data.load_rejected)
+    batch: list = field(default_factory=list)  # this step's whole global batch (Examples): BN's pool
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -187,20 +191,29 @@ def all_sum(x):
 # ----------------------------------------------------------------------------- models
 
 def build_model(cfg):
-    """The policy's starting weights and the tokenizer."""
+    """The policy's starting weights (float32) and the tokenizer; see starting_model."""
+    return starting_model(cfg)[:2]
+
+
+def starting_model(cfg):
+    """(model, tokenizer, the checkpoint's own dtype). The model is float32 whatever the checkpoint holds: the
+    master weights AdamW updates (at lr 1e-5 a 16-bit weight would not move, its update below one ulp, or its
+    exp_avg_sq would underflow). CUDA computes under bf16 autocast."""
     if cfg.init_from != "scratch":
-        return load(cfg.init_from)
+        model, tok = load(cfg.init_from)
+        dtype = next(model.parameters()).dtype
+        return model.float(), tok, dtype
     tok = byte_tokenizer()
     config = ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                          n_kv_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=4 * cfg.n_embd, max_seq_len=cfg.max_len,
                          norm_eps=1e-5, tie_word_embeddings=True, bos_id=tok.bos_id, eos_id=tok.eos_id)
     torch.manual_seed(cfg.seed)  # the initial weights come from torch's global stream
-    return Transformer(config), tok
+    return Transformer(config), tok, torch.float32
 
 
-def frozen_copy(model):
+def frozen_copy(model, dtype=torch.float32):
     """pi_ref: the starting weights, frozen. Never trained, never wrapped in DDP."""
-    ref = copy.deepcopy(model).eval()
+    ref = copy.deepcopy(model).to(dtype).eval()
     ref.requires_grad_(False)
     return ref
 
@@ -225,20 +238,22 @@ def sequence_keys(ids, mask):
 
 
 @torch.no_grad()
-def reference_logps(ref, ids, mask, cache, device, autocast):
-    """log pi_ref(y|x) (N,). With a cache, each distinct sequence is scored once for the whole run: the
-    ground truths, AN, MN and TN negatives are a pure function of (seed, example), so they come back
-    every epoch; BN negatives recur when the same two examples share a batch again."""
+def reference_logps(ref, ids, mask, cache, device, autocast, cacheable=None):
+    """log pi_ref(y|x) (N,). With a cache, each distinct sequence is scored once for the whole run: the ground
+    truths, AN, TN (and MN from pi_ref) negatives are a pure function of (seed, example), so they come back every
+    epoch; BN negatives recur when two examples share a batch again. Rows with cacheable (N,) False are scored
+    afresh and never stored (MN from the policy: new every step, they would only grow the cache)."""
     if cache is None:
         with autocast:
             return sequence_logps(ref, ids.to(device), mask.to(device)).float()
     keys = sequence_keys(ids, mask)
-    missing = [i for i, k in enumerate(keys) if k not in cache]
+    missing = [i for i, k in enumerate(keys) if k not in cache or (cacheable is not None and not cacheable[i])]
+    scored = {}
     if missing:
         with autocast:
-            scores = sequence_logps(ref, ids[missing].to(device), mask[missing].to(device)).float().tolist()
-        cache.update((keys[i], s) for i, s in zip(missing, scores))
-    return torch.tensor([cache[k] for k in keys], device=device)
+            scored = dict(zip(missing, sequence_logps(ref, ids[missing].to(device), mask[missing].to(device)).float().tolist()))
+        cache.update((keys[i], s) for i, s in scored.items() if cacheable is None or cacheable[i])
+    return torch.tensor([scored[i] if i in scored else cache[k] for i, k in enumerate(keys)], device=device)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -252,12 +267,13 @@ def mle_objective(cfg, policy, ref, examples, rt, micro_id):
     return -sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).sum(), {"tokens": ids.numel()}
 
 
-def score_sequences(policy, ref, ids, mask, rt):
-    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors."""
+def score_sequences(policy, ref, ids, mask, rt, cacheable=None):
+    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors; cacheable (B, K): see reference_logps."""
     B, K, T = ids.shape
     ids, mask = ids.view(B * K, T), mask.view(B * K, T)
     policy_logps = sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).view(B, K)
-    ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast).view(B, K)
+    cacheable = None if cacheable is None else cacheable.reshape(B * K)
+    ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast, cacheable).view(B, K)
     if not torch.isfinite(policy_logps).all():  # the model diverged; the loop stops the run cleanly
         raise FloatingPointError("the policy's log-probs are NaN or inf")
     return policy_logps, ref_logps
@@ -265,11 +281,9 @@ def score_sequences(policy, ref, ids, mask, rt):
 
 def cpo_objective(cfg, policy, ref, examples, rt, micro_id):
     """Eq. (1), or eq. (2) with cfg.ranked: each ground truth against its K-1 synthetic negatives."""
-    ids, mask, valid = negatives.build_cpo_batch(
-        examples, cfg.negatives, ref, pad_id=rt.pad_id, eos_id=rt.eos_id,
-        generator=negatives.make_generator(cfg.seed),  # the same seed every step: fixed negatives
-        an_cache=rt.an_cache, ranked=cfg.ranked)  # (B, K, T), (B, K, T), (B, K); column 0 the ground truth
-    policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, rt)
+    ids, mask, valid, kinds = cpo_batch(cfg, policy, ref, examples, rt)
+    cacheable = (kinds != 1 + negatives.KINDS.index("mn")) | (cfg.mn_model == "ref")  # policy MN: new every step
+    policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, rt, cacheable)
     # An example all of whose negatives equal its ground truth (a good model's AN or MN samples of a short
     # answer can) has nothing to contrast: it sits out this step, adding zero to the summed loss.
     keep = valid[:, 1:].any(1)  # (B,), on the CPU: no sync
@@ -280,6 +294,16 @@ def cpo_objective(cfg, policy, ref, examples, rt, micro_id):
                                  valid=valid[keep].to(device), mle_weight=cfg.mle_weight,
                                  gt_tokens=mask[keep, 0].sum(-1).to(device))
     return loss * int(keep.sum()), {**metrics, "tokens": ids.numel()}
+
+
+def cpo_batch(cfg, policy, ref, examples, rt):
+    """-> (B, K, T) ids, masks, (B, K) valid, kinds. BN from the global batch rt.batch (negatives.batch_negatives)."""
+    return negatives.build_cpo_batch(
+        examples, cfg.negatives, ref, pad_id=rt.pad_id, eos_id=rt.eos_id,
+        generator=negatives.make_generator(cfg.seed),  # the same seed every step: fixed negatives
+        an_cache=rt.an_cache, ranked=cfg.ranked, allow_fewer=True, return_kinds=True,
+        bn_pool=[e.continuation_ids for e in rt.batch or examples],
+        mn_model=unwrap(policy) if cfg.mn_model == "policy" else ref)  # column 0 the ground truth
 
 
 def dpo_objective(cfg, policy, ref, examples, rt, micro_id):
@@ -412,10 +436,13 @@ def train(cfg):
     if cfg.objective not in OBJECTIVES:
         raise SystemExit(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
-    model, tok = build_model(cfg)
-    ref = frozen_copy(model) if cfg.objective in ("cpo", "dpo") else None
+    model, tok, start_dtype = starting_model(cfg)
+    ref_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" and device.type == "cuda" else torch.float32
+    ref = frozen_copy(model, ref_dtype) if cfg.objective in ("cpo", "dpo") else None
     train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed,
                                val_fraction=cfg.val_fraction)
+    bn = dict(negatives.parse_spec(cfg.negatives)).get("bn", 0) if cfg.objective == "cpo" else 0
+    negatives.check_bn_satisfiable(bn, [e.continuation_ids for e in train_set], cfg.batch_size)
     val_set = heldout_set(cfg, tok)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -453,6 +480,9 @@ def train(cfg):
         indices = data.global_batch(step, len(train_set), cfg.batch_size, cfg.seed)
         units = UNITS[cfg.objective](cfg, [train_set[i] for i in indices])  # examples or tokens in the global batch
         micro = [[train_set[i] for i in chunk] for chunk in data.micro_batches(indices, rank, world, cfg.micro_batch_size)]
+        rt.batch = [train_set[i] for i in indices]  # BN's pool: the global batch, the same on every rank
+        if bn and (short := negatives.bn_shortfall([e.continuation_ids for e in rt.batch], bn)):
+            log(f"step {step + 1}: {short} BN columns left invalid (the global batch repeats examples or answers)")
         try:
             sums, tokens = train_step(cfg, policy, ref, micro, rt, step, units, world)
             loss = sums[0] / units
@@ -484,8 +514,10 @@ def train(cfg):
 
     save_checkpoint(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
     if master:
-        save_pretrained(model, final_dir, tok)
-        log(f"saved {final_dir}")
+        save_dtype = start_dtype if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
+        save_pretrained(model.to(save_dtype), final_dir, tok)  # the last use of the model: cast in place
+        write_atomic(os.path.join(final_dir, "nanocpo.json"), json.dumps({"max_len": cfg.max_len}))
+        log(f"saved {final_dir} ({str(save_dtype).removeprefix('torch.')})")
     barrier()
     return final_dir
 

@@ -129,7 +129,8 @@ def test_cpo_step_gradient_matches_hand_written_formula(ranked):
     policy.zero_grad()
 
     ids, mask, valid = negatives.build_cpo_batch(examples, cfg.negatives, ref, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                                                 generator=torch.Generator().manual_seed(cfg.seed), ranked=ranked)
+                                                 generator=torch.Generator().manual_seed(cfg.seed), ranked=ranked,
+                                                 mn_model=policy)  # MN from pi_theta (train's default)
     B, K, _ = ids.shape
     total = 0
     for b in range(B):
