@@ -1,13 +1,15 @@
 """
-Checkpoints of a training run (train.py), so that a killed run resumes bit-exactly with --resume:
-the weights in HF format (hf.save_pretrained, so a checkpoint is also a model folder), the optimizer, the
+A training run's settings checked (validate_config, and what --resume may change), and its checkpoints, so
+that a killed run (train.py) resumes bit-exactly with --resume: the weights in HF format (hf.save_pretrained, so a checkpoint is also a model folder), the optimizer, the
 step (which fixes the data position, data.global_batch being a pure function of it), and every rank's RNG
 state and reference log-prob cache.
 
     out_dir/ckpt-0000100/  model/ (config.json, model.safetensors, tokenizer)  trainer.pt  rank0.pt  rank1.pt ...
 """
+import dataclasses
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict
 
@@ -22,10 +24,17 @@ def barrier():
         dist.barrier()
 
 
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d{7,})")  # exactly what save_checkpoint writes: ckpt-0000100
+
+
 def checkpoints(out_dir):
+    """The trainer's checkpoint folders in out_dir, oldest first. Only names of the exact pattern count: a
+    user's ckpt-0000001-mybackup/ or ckpt-notes.txt is neither resumed from nor deleted by rotation."""
     if not os.path.isdir(out_dir):
         return []
-    return sorted(os.path.join(out_dir, d) for d in os.listdir(out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
+    found = [(int(m[1]), d) for d in os.listdir(out_dir) if (m := CHECKPOINT_NAME.fullmatch(d))
+             and os.path.isdir(os.path.join(out_dir, d))]
+    return [os.path.join(out_dir, d) for _, d in sorted(found)]
 
 
 def rng_state():
@@ -54,17 +63,105 @@ def save_checkpoint(cfg, step, model, tok, optimizer, ref_cache, rank):
     return final
 
 
+# ----------------------------------------------------------------------------- settings
+CHOICES = {"schedule": ("constant", "cosine"), "dtype": ("auto", "float32", "bfloat16")}  # objective: train.OBJECTIVES
+AT_LEAST = {"n_layer": 1, "n_head": 1, "n_embd": 1, "max_len": 3, "n_train": 0, "n_val": 0, "pss_samples": 1,
+            "pss_warmup_steps": 0, "steps": 1, "batch_size": 1, "micro_batch_size": 1, "warmup_steps": 0,
+            "weight_decay": 0, "grad_clip": 0, "mle_weight": 0, "log_interval": 1, "eval_interval": 0,
+            "ckpt_interval": 0, "keep_last": 1, "pss_p": 0}
+ABOVE_ZERO = ("lr", "beta")
+
+
+def validate_config(cfg):
+    """SystemExit listing every bad setting (a wrong type, a value out of range, an unknown choice), so that
+    none is silently ignored or crashes deep inside the run."""
+    bad = [f"{f.name}={getattr(cfg, f.name)!r}: expected {f.type.__name__}" for f in dataclasses.fields(cfg)
+           if f.type in (bool, int, float, str) and not (type(getattr(cfg, f.name)) is f.type
+                                                         or f.type is float and type(getattr(cfg, f.name)) is int)]
+    if bad:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(bad))
+    bad += [f"--{k}={getattr(cfg, k)!r}: choose from {' | '.join(c)}" for k, c in CHOICES.items() if getattr(cfg, k) not in c]
+    bad += [f"--{k}={getattr(cfg, k)}: must be >= {lo}" for k, lo in AT_LEAST.items() if not getattr(cfg, k) >= lo]
+    bad += [f"--{k}={getattr(cfg, k)}: must be > 0" for k in ABOVE_ZERO if not getattr(cfg, k) > 0]
+    if cfg.pss_p > 1:
+        bad.append(f"--pss_p={cfg.pss_p}: a probability, must be <= 1")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        bad.append(f"--device={cfg.device!r}: choose from auto | cpu | cuda | cuda:N")
+    if bad:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(bad))
+
+
+# Settings a resumed run may change: they decide how long it runs, what it prints and where, never what a
+# step computes. Anything else (objective, negatives, seed, batch sizes, lr, schedule, model, data) would
+# silently turn the rest of the run into a different experiment.
+SAFE_TO_CHANGE = {"steps", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "out_dir", "resume",
+                  "n_val", "device", "compile"}
+
+
+def config_differences(old, new, step):
+    """What --resume refuses: a list of 'key: old -> new' lines (empty: fine). old is the checkpoint's config
+    (a dict), new the current one, step the checkpoint's. Keys only one side knows are not compared."""
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+             if old[k] != new[k] and k not in SAFE_TO_CHANGE]
+    if new.get("steps", step) < step:
+        diffs.append(f"steps: {new['steps']} is below the checkpoint's step {step}")
+    elif old.get("schedule") == "cosine" and old.get("steps") != new.get("steps"):  # the cosine spans all steps
+        diffs.append(f"steps: {old.get('steps')} -> {new.get('steps')} (the cosine schedule's length)")
+    return diffs
+
+
+def checkpoint_config(path):
+    """(step, config dict) saved in a checkpoint's trainer.pt; ValueError naming the file if it won't load."""
+    trainer = load_file(os.path.join(path, "trainer.pt"))
+    return trainer["step"], trainer.get("config", {})
+
+
+def load_file(path):
+    """torch.load(weights_only) with every failure (missing, torn zip, bad pickle) a ValueError naming the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def resume_newest(cfg, model, optimizer, rank, log=print):
+    """--resume: restore the newest checkpoint in cfg.out_dir that loads (a bad one is named, and the one
+    before it tried) after checking that cfg changes nothing but SAFE_TO_CHANGE -> (step, ref_cache), or
+    (0, {}) when there is none. SystemExit listing the differences, or every bad file when none loads."""
+    bad = []
+    for path in reversed(checkpoints(cfg.out_dir)):
+        try:
+            step, old = checkpoint_config(path)
+            diffs = config_differences(old, asdict(cfg), step)
+            if diffs:
+                raise SystemExit(f"--resume from {path}: the checkpoint was trained with other settings, and these "
+                                 f"would change the run's math:\n  " + "\n  ".join(diffs) +
+                                 f"\nOnly {', '.join(sorted(SAFE_TO_CHANGE))} may change (use a new --out_dir "
+                                 f"for a new run)")
+            step, ref_cache = restore_checkpoint(path, model, optimizer, rank)
+        except ValueError as e:
+            log(f"{path} is damaged ({e}); trying the checkpoint before it")
+            bad.append(str(e))
+            continue
+        if bad:
+            log(f"fell back to {path}, the newest checkpoint that loads")
+        return step, ref_cache
+    if bad:
+        raise SystemExit(f"--resume: no checkpoint in {cfg.out_dir} loads:\n  " + "\n  ".join(bad))
+    return 0, {}
+
+
 def restore_checkpoint(path, model, optimizer, rank):
     """The inverse of save_checkpoint; returns (step, ref_cache). Resuming on more ranks than saved it
     works, but the new ranks start with fresh RNG and an empty cache, so it is no longer bit-exact."""
     weights, _ = load(os.path.join(path, "model"))
     model.load_state_dict(weights.state_dict())
-    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    trainer = load_file(os.path.join(path, "trainer.pt"))
     optimizer.load_state_dict(trainer["optimizer"])
     if not os.path.exists(os.path.join(path, f"rank{rank}.pt")):
         print(f"rank {rank}: {path} has no rank{rank}.pt (saved by fewer ranks): fresh RNG and reference cache")
         return trainer["step"], {}
-    mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+    mine = load_file(os.path.join(path, f"rank{rank}.pt"))
     torch.set_rng_state(mine["rng"]["torch"])
     if mine["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(mine["rng"]["cuda"])

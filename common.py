@@ -154,7 +154,9 @@ def write_folder_atomic(dest, fill):
 def download(url, dest_path, retries=5):
     """Stream url into dest_path + ".part", then rename it to dest_path once complete. After an interruption
     the next request asks only for the missing bytes (HTTP Range); a server that ignores Range is read from
-    the start. A progress line (bytes, MB/s) goes to stderr. FileNotFoundError naming the URL on 404."""
+    the start. A progress line (bytes, MB/s) goes to stderr. FileNotFoundError naming the URL on 404; a 5xx is
+    retried; an HTML page is refused (ValueError); a body shorter than its Content-Length is never renamed
+    into place (the rest is asked for again)."""
     part = dest_path + ".part"
     os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
     token = os.environ.get("HF_TOKEN")
@@ -174,7 +176,12 @@ def download(url, dest_path, retries=5):
                 if r.status_code == 416:  # our .part does not fit the file (it changed?): start over
                     os.remove(part)
                     continue
+                if r.status_code >= 500 and attempt < retries:  # the server's trouble, often brief: try again
+                    print(f"{url}: {r.status_code} {r.reason}, retrying", file=sys.stderr)
+                    time.sleep(attempt)
+                    continue
                 r.raise_for_status()
+                refuse_html(url, r)
                 if r.status_code != 206:
                     have = 0  # the server ignored Range and sends everything
                 total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
@@ -182,12 +189,21 @@ def download(url, dest_path, retries=5):
             if total is None or os.path.getsize(part) == total:
                 os.replace(part, dest_path)
                 return dest_path
+            print(f"{url}: body cut short ({os.path.getsize(part)} of {total} bytes), resuming", file=sys.stderr)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if attempt == retries:
                 raise
             print(f"\n{url}: {type(e).__name__}, resuming", file=sys.stderr)
             time.sleep(attempt)
     raise OSError(f"{url}: download still incomplete after {retries + 1} attempts")
+
+
+def refuse_html(url, response):
+    """A login page, an error page or a captive portal answers 200 with HTML: that is never the file we asked
+    for (we fetch JSON, JSON-lines, text, weights), so it is refused before a byte of it is kept."""
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if kind in ("text/html", "application/xhtml+xml"):
+        raise ValueError(f"{url}: the server sent an HTML page ({kind}), not the file; nothing was saved")
 
 
 def stream_to(part, response, have, total):

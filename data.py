@@ -113,16 +113,19 @@ def fetch(source, cache_dir=None):
         return source
     cache_dir = cache_dir or common.cache_dir()
     # the URL's hash keeps two files called data.jsonl apart; the basename keeps the extension (wiki reads it)
-    dest = os.path.join(cache_dir, hashlib.sha256(source.encode()).hexdigest()[:12] + "-" +
-                        (os.path.basename(url.path) or "data"))
+    dest = common.inside(cache_dir, hashlib.sha256(source.encode()).hexdigest()[:12] + "-" +
+                         (os.path.basename(url.path) or "data"))
     if not os.path.isfile(dest):  # download() renames into place at the end: a file that exists is complete
         common.download(source, dest)
     return dest
 
 
-def read_jsonl(path, required, optional=()):
+def read_jsonl(path, required, optional=(), unique=None):
     """The objects of a JSON-lines file (common.read_jsonl), each field checked to be a string.
-    A malformed line is a ValueError naming it: "path:LINE: missing field 'response'"."""
+    A malformed line is a ValueError naming it: "path:LINE: missing field 'response'". unique: a field
+    no two lines may share (an id), a repeat naming both lines."""
+    seen = {}
+
     def check(row, where):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -132,6 +135,11 @@ def read_jsonl(path, required, optional=()):
         for key in (*required, *optional):
             if key in row and not isinstance(row[key], str):
                 raise ValueError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        if unique in row:
+            key = repr(row[unique])  # any JSON value, hashable
+            if key in seen:
+                raise ValueError(f"{where}: {unique} {row[unique]!r} repeats the one at {seen[key]}")
+            seen[key] = where
     return common.read_jsonl(path, check=check)
 
 
@@ -184,8 +192,16 @@ def read_documents(path):
     for any other extension, of a plain text file with one document per non-blank line."""
     if path.endswith((".jsonl", ".json")):
         return [r["text"] for r in read_jsonl(path, ("text",), ("title",))]
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f if line.strip()]
+    docs = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line)") from None
+            if line.strip():
+                docs.append(line)
+    return docs
 
 
 def load_wiki(source, tokenizer, max_len, prefix_fraction=0.15, split="all", cache_dir=None):
@@ -220,7 +236,7 @@ def load_jsonl(source, tokenizer, max_len, split="all", cache_dir=None, val_frac
     Your own data: "train" is every row and "test" none, unless val_fraction holds some out (by the
     same content hash as split_indices). The paper's split is Dolly's, not this file's."""
     path = fetch(source, cache_dir)
-    rows = read_jsonl(path, ("prompt", "response"))
+    rows = read_jsonl(path, ("prompt", "response"), unique="id")
     name = os.path.splitext(os.path.basename(urlparse(source).path if "://" in source else source))[0]
     stats, examples = Counter(), []
     for i in split_indices([r["prompt"] + "\x1f" + r["response"] for r in rows], split, 1.0 - val_fraction):
@@ -236,7 +252,7 @@ def load_rejected(source, examples, tokenizer, max_len, cache_dir=None):
     it -> {id: Example}: the chosen example's prompt (same ids) with the rejected response after it,
     cut to fit max_len, plus one EOS. Every example needs one; a missing one names the file and id."""
     path = fetch(source, cache_dir)
-    rejected = {r["id"]: r["rejected"] for r in read_jsonl(path, ("id", "rejected"))}
+    rejected = {r["id"]: r["rejected"] for r in read_jsonl(path, ("id", "rejected"), unique="id")}
     out = {}
     for e in examples:
         if e.id not in rejected:

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from common import cache_dir, download, write_folder_atomic
+from common import cache_dir, download, inside, write_folder_atomic
 from model import ModelConfig, Transformer
 from tokenizer import COMPANION_FILES, load_tokenizer
 
@@ -18,8 +18,32 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 
 # ----------------------------------------------------------------------------- config.json
+COUNT_KEYS = ["vocab_size", "n_layer", "n_head", "n_embd", "n_inner", "n_positions", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim", "intermediate_size",
+              "max_position_embeddings"]  # sizes and counts: integers >= 1
+EPS_KEYS = ["layer_norm_epsilon", "rms_norm_eps", "rope_theta"]  # numbers > 0
+
+
+def check_config_values(d):
+    """ValueError naming the key for a value that would crash or mislead later (n_head 0 dividing by zero,
+    "12" or 12.0 where a count belongs), before ModelConfig does arithmetic with it."""
+    for key in COUNT_KEYS:
+        if d.get(key) is not None and not (type(d[key]) is int and d[key] >= 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {d[key]!r}")
+    for key in EPS_KEYS:
+        if d.get(key) is not None and not (type(d[key]) in (int, float) and math.isfinite(d[key]) and d[key] > 0):
+            raise ValueError(f"{key} must be a number > 0, got {d[key]!r}")
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = d.get(key) if isinstance(d.get(key), list) else [d.get(key)]
+        if not ids or not all(i is None or (type(i) is int and i >= 0) for i in ids):
+            raise ValueError(f"{key} must be a token id (an integer >= 0) or null, got {d.get(key)!r}")
+
+
 def config_from_hf(d):
     """An HF config.json dict -> ModelConfig. ValueError on anything we would silently get wrong."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    check_config_values(d)
     def need(key):
         if d.get(key) is None:
             raise ValueError(f"{d.get('model_type')} config has no {key!r}")
@@ -288,7 +312,7 @@ def read_hf_weights(folder):
             raise ValueError(f"{path}: not a valid weights index ({type(e).__name__}: {e})") from None
         sd = {}
         for shard in shards:
-            shard_path = os.path.join(folder, str(shard))
+            shard_path = inside(folder, str(shard))
             if not os.path.isfile(shard_path):
                 raise ValueError(f"{path}: shard {shard} is missing")
             sd.update(_read_weight_file(shard_path))
@@ -315,13 +339,16 @@ def load(path, device="cpu", dtype=None):
     if dtype is None:
         name = hf.get("torch_dtype") or hf.get("dtype") or "float32"  # transformers 4 | 5 spelling
         dtype = getattr(torch, str(name), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"{config_path}: unknown torch_dtype {name!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"{config_path}: torch_dtype {name!r} is not a floating-point torch dtype")
     sd, where = read_hf_weights(folder)
     try:  # checks every name and shape against the config before converting
         sd = from_hf_state_dict(sd, config)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    for k, v in sd.items():  # an int or bool tensor would be cast to float below, silently turning into nonsense
+        if not v.is_floating_point():
+            raise ValueError(f"{where}: tensor {k!r} has dtype {v.dtype}; weights must be floating point")
     if config.tie_word_embeddings:
         del sd["lm_head.weight"]  # it is tok_emb.weight: convert it once, the model re-ties it on load
     for k, v in sd.items():  # one tensor at a time, so a dtype change never holds two whole models
@@ -392,17 +419,25 @@ def generation_config(tokenizer):
 
 
 # ----------------------------------------------------------------------------- hub downloads
+def check_hub_name(repo):
+    """ValueError "no such folder" at once, without a request, for a name that is a mistyped local path rather
+    than a hub name ('gpt2', 'org/name'): it starts with '.', '/' or '~', has more than two parts, or its first
+    part is a folder here ('out/fianl' when out/ exists)."""
+    parts = repo.replace(os.sep, "/").split("/")
+    looks_local = repo.startswith((".", "/", "~")) or "\\" in repo or (len(parts) == 2 and os.path.isdir(parts[0]))
+    if looks_local or len(parts) > 2 or not all(parts) or any(p in (".", "..") for p in parts):
+        raise ValueError(f"{repo}: no such folder (and not a hub name like 'gpt2' or 'org/name')")
+
+
 def hub_download(repo):
     """Fetch a hub repo's config, weights (safetensors preferred, sharded too) and tokenizer into the cache
     folder ($NANOCPO_CACHE, default ~/.cache/nanocpo) -> that folder. Cached files are never fetched again."""
-    parts = repo.split("/")
-    if repo.startswith((".", "/", "~")) or len(parts) > 2 or not all(parts):
-        raise ValueError(f"{repo}: no such folder (and not a hub name like 'gpt2' or 'org/name')")
+    check_hub_name(repo)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    folder = os.path.join(cache_dir(), *parts)
+    folder = inside(cache_dir(), repo)  # the cache key, too, must stay in the cache
 
     def fetch(name, optional=False):
-        dest = os.path.join(folder, name)
+        dest = inside(folder, str(name))  # shard names come from the remote: refused before a byte is written
         if not os.path.isfile(dest):
             try:
                 download(f"{endpoint}/{repo}/resolve/main/{name}", dest)

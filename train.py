@@ -43,7 +43,7 @@ import cpo
 import data
 import evaluate
 import negatives
-from checkpoint import barrier, checkpoints, restore_checkpoint, save_checkpoint
+from checkpoint import SAFE_TO_CHANGE, barrier, checkpoints, resume_newest, save_checkpoint, validate_config
 from common import write_atomic
 from hf import load, save_pretrained
 from model import ModelConfig, Transformer
@@ -101,7 +101,9 @@ class Config:
     eval_interval: int = opt(100, "steps between held-out losses (0: only at the end)")
     ckpt_interval: int = opt(100, "steps between checkpoints (0: only at the end)")
     keep_last: int = opt(2, "checkpoints kept")
-    resume: bool = opt(False, "continue from the newest checkpoint in out_dir")
+    resume: bool = opt(False, "continue from the newest checkpoint in out_dir that loads; refused if any setting "
+                              f"other than {', '.join(sorted(SAFE_TO_CHANGE))} differs from the checkpoint's "
+                              "(--steps may grow, not shrink below the checkpoint's step)")
 
 
 # ----------------------------------------------------------------------------- config
@@ -426,6 +428,7 @@ def train_step(cfg, policy, ref, micro, rt, step, units, world):
 
 def train(cfg):
     """One run: cfg.steps optimisation steps of cfg.objective from cfg.init_from. Returns the final model's folder."""
+    validate_config(cfg)
     rank, world, device = setup(cfg)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -441,6 +444,8 @@ def train(cfg):
     ref = frozen_copy(model, ref_dtype) if cfg.objective in ("cpo", "dpo") else None
     train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed,
                                val_fraction=cfg.val_fraction)
+    if not train_set:
+        raise SystemExit(f"task {cfg.task!r}: no training examples (an empty file, or every example dropped: see the counts above)")
     bn = dict(negatives.parse_spec(cfg.negatives)).get("bn", 0) if cfg.objective == "cpo" else 0
     negatives.check_bn_satisfiable(bn, [e.continuation_ids for e in train_set], cfg.batch_size)
     val_set = heldout_set(cfg, tok)
@@ -456,9 +461,8 @@ def train(cfg):
 
     start = 0
     if cfg.resume and checkpoints(cfg.out_dir):
-        path = checkpoints(cfg.out_dir)[-1]
-        start, rt.ref_cache = restore_checkpoint(path, model, optimizer, rank)
-        log(f"resumed from {path} at step {start}")
+        start, rt.ref_cache = resume_newest(cfg, model, optimizer, rank, log)
+        log(f"resumed from {cfg.out_dir} at step {start}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
