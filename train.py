@@ -15,6 +15,7 @@ One CPO step, top to bottom, each function calling the next:
   cpo_objective                       one micro-batch of B examples
   negatives.build_cpo_batch           each example's ground truth and K-1 negatives: (B, K, T) ids, masks
   sequence_logps                      the model's forward pass to its final hidden states (model.py)
+  shared_prompt_logps                 the same, each prompt run once for its K continuations (--shared_prompt)
   cpo.sequence_logprobs_from_hidden   log pi(y|x) of the B*K sequences, policy and (cached) reference
   cpo.cpo_loss                        eq. (1), or eq. (2) with --ranked
 then train() clips the gradient norm and steps AdamW.
@@ -68,6 +69,7 @@ class Config:
     objective: str = opt("mle", "mle | cpo | dpo | pss")
     negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
     ranked: bool = opt(False, "cpo: the ranked loss, eq. (2), ordering negatives by cosine similarity to the ground truth")
+    shared_prompt: bool = opt(True, "cpo/dpo: run each prompt once for its K continuations (false: the naive path, every sequence whole)")
     beta: float = opt(5.0, "cpo/dpo: inverse temperature of the implicit reward")
     mle_weight: float = opt(0.0, "cpo: alpha in alpha * L_MLE + L_CPO")
     an_cache: str = opt("", "cpo: folder of autoregressive negatives written by `python negatives.py`")
@@ -149,6 +151,7 @@ class Runtime:
     ref_cache: dict | None = field(default_factory=dict)  # sequence key -> log pi_ref (None: no cache)
     an_cache: dict | None = None  # example id -> AN negatives (negatives.load_an_cache)
     rejected: dict | None = None  # example id -> DPO's rejected Example (data.load_rejected)
+    shared_prompt: bool = True  # cpo/dpo: score (B, K, T) groups with the shared-prompt forward
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -207,6 +210,21 @@ def sequence_logps(model, ids, mask):
     return cpo.sequence_logprobs_from_hidden(hidden, unwrap(model).lm_head.weight, ids[:, 1:], mask[:, 1:])
 
 
+def shared_prompt_logps(model, ids, mask):
+    """sequence_logps of (B, K, T) sequences -> (B, K), each prompt run once for its K continuations
+    (model.Transformer.forward_shared_prompt): the same numbers, a prompt's cost paid once instead of K times."""
+    B, K, T = ids.shape
+    prompt, prompt_mask, cont, cont_mask, n_prompt = negatives.split_prompts(ids, mask)
+    if int(n_prompt.min()) == 0:  # nothing predicts a first token without a prompt; the naive path skips it
+        return sequence_logps(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
+    unwrap(model)._check_length(T - 1)  # the naive path's rows; past them forward_shared_prompt sees only padding
+    h_p, h_c = model(prompt, return_hidden=True, attention_mask=prompt_mask, continuations=cont)  # (B, P, C), (B, K, S, C)
+    # the prompt's last hidden state predicts each continuation's first token, h_c[:, :, s] the token s + 1
+    hidden = torch.cat([h_p[:, None, -1:].expand(B, K, 1, h_p.shape[-1]), h_c[:, :, :-1]], dim=2)  # (B, K, S, C)
+    return cpo.sequence_logprobs_from_hidden(hidden.flatten(0, 1), unwrap(model).lm_head.weight,
+                                             cont.flatten(0, 1), cont_mask.flatten(0, 1)).view(B, K)
+
+
 def sequence_keys(ids, mask):
     """The key of the reference cache: a 16-byte hash of the sequence's tokens up to its EOS."""
     ends = (mask.cumsum(1).argmax(1) + 1).tolist()  # position after the last continuation token
@@ -215,19 +233,24 @@ def sequence_keys(ids, mask):
 
 @torch.no_grad()
 def reference_logps(ref, ids, mask, cache, device, autocast):
-    """log pi_ref(y|x) (N,). With a cache, each distinct sequence is scored once for the whole run: the
+    """log pi_ref(y|x) of (N, T) sequences (N,), or of (B, K, T) groups sharing a prompt (B, K), each prompt
+    run once (shared_prompt_logps). With a cache, each distinct sequence is scored once for the whole run: the
     ground truths, AN, MN and TN negatives are a pure function of (seed, example), so they come back
-    every epoch; BN negatives recur when the same two examples share a batch again."""
+    every epoch; BN negatives recur when the same two examples share a batch again. A group with any
+    sequence not cached is scored whole; the keys are the same sequence hashes either way."""
+    score = shared_prompt_logps if ids.dim() == 3 else sequence_logps
     if cache is None:
         with autocast:
-            return sequence_logps(ref, ids.to(device), mask.to(device)).float()
-    keys = sequence_keys(ids, mask)
-    missing = [i for i, k in enumerate(keys) if k not in cache]
+            return score(ref, ids.to(device), mask.to(device)).float()
+    keys = sequence_keys(ids.flatten(0, -2), mask.flatten(0, -2))
+    K = len(keys) // len(ids)  # sequences per row of ids: 1, or a group's K
+    missing = [i for i in range(len(ids)) if any(k not in cache for k in keys[i * K:(i + 1) * K])]
     if missing:
         with autocast:
-            scores = sequence_logps(ref, ids[missing].to(device), mask[missing].to(device)).float().tolist()
-        cache.update((keys[i], s) for i, s in zip(missing, scores))
-    return torch.tensor([cache[k] for k in keys], device=device)
+            scores = score(ref, ids[missing].to(device), mask[missing].to(device)).float().flatten().tolist()
+        new_keys = [keys[i * K + j] for i in missing for j in range(K)]
+        cache.update((k, s) for k, s in zip(new_keys, scores) if k not in cache)
+    return torch.tensor([cache[k] for k in keys], device=device).view(ids.shape[:-1])
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -242,11 +265,15 @@ def mle_objective(cfg, policy, ref, examples, rt, micro_id):
 
 
 def score_sequences(policy, ref, ids, mask, rt):
-    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors."""
+    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors (rt.shared_prompt: each prompt once)."""
     B, K, T = ids.shape
-    ids, mask = ids.view(B * K, T), mask.view(B * K, T)
-    policy_logps = sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).view(B, K)
-    ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast).view(B, K)
+    if rt.shared_prompt:
+        policy_logps = shared_prompt_logps(policy, ids.to(rt.device), mask.to(rt.device))
+        ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast)
+    else:
+        ids, mask = ids.view(B * K, T), mask.view(B * K, T)
+        policy_logps = sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).view(B, K)
+        ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast).view(B, K)
     if not torch.isfinite(policy_logps).all():  # the model diverged; the loop stops the run cleanly
         raise FloatingPointError("the policy's log-probs are NaN or inf")
     return policy_logps, ref_logps
@@ -378,7 +405,6 @@ def train_step(cfg, policy, ref, micro, rt, step, units, world):
     return all_sum(sums).tolist(), tokens
 
 
-
 def train(cfg):
     """One run: cfg.steps optimisation steps of cfg.objective from cfg.init_from. Returns the final model's folder."""
     rank, world, device = setup(cfg)
@@ -401,7 +427,7 @@ def train(cfg):
     if ref is not None:
         ref.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id,
+    rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=cfg.shared_prompt,
                  an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
                  rejected=data.load_rejected(cfg.dpo_rejected, train_set, tok, cfg.max_len) if cfg.objective == "dpo" else None)
 
