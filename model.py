@@ -124,11 +124,10 @@ class Attention(nn.Module):
         self.proj = Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=bias)
 
     def forward(self, x, rope=None, mask=None, cache=None, start=0):
+        if isinstance(mask, SharedPrompt):
+            return self.shared_prompt(x, rope, mask)
         B, T, _ = x.shape                                                   # (B, T, C)
-        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh | nkv, T, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.split_heads(self.qkv(x), rope)                      # (B, nh | nkv, T, hd)
         if cache is not None:  # write this step's keys/values, attend over the slots filled so far
             cache[0][:, :, start:start + T] = k
             cache[1][:, :, start:start + T] = v
@@ -137,6 +136,39 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))             # (B, T, C)
+
+    def split_heads(self, qkv, rope):
+        """qkv (B, T, (nh + 2 nkv) hd) -> q, k, v (B, nh | nkv, T, hd), RoPE applied when given."""
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)           # (B, nh + 2 nkv, T, hd)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def shared_prompt(self, x, rope, sp):
+        """x (1, B P + B K S, C) packed as `sp` says -> (1, B P + B K S, C). The prompts attend to themselves as
+        in forward; each continuation attends to its own prompt's keys/values, computed once, then causally to
+        itself. The prompt's k/v are an expanded view over the K continuations; the cat with the continuation's
+        own k/v is the one copy SDPA needs (2 nkv hd numbers per prompt token and continuation)."""
+        B, P, K, S = sp.B, sp.P, sp.K, sp.S
+        rope_p = rope_c = None
+        if rope is not None:  # (1, 1, N, hd) each -> the prompts' (B, 1, P, hd), the continuations' (B K, 1, S, hd)
+            (cos_p, cos_c), (sin_p, sin_c) = (unpack(r[0, 0], sp) for r in rope)
+            rope_p, rope_c = (cos_p[:, None], sin_p[:, None]), (cos_c[:, None], sin_c[:, None])
+        qkv_p, qkv_c = unpack(self.qkv(x[0]), sp)                          # (B, P, .), (B K, S, .)
+        q_p, k_p, v_p = self.split_heads(qkv_p, rope_p)                    # (B, nh | nkv, P, hd)
+        q_c, k_c, v_c = self.split_heads(qkv_c, rope_c)                    # (B K, nh | nkv, S, hd)
+        gqa = self.n_kv_head != self.n_head
+        y_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=sp.prompt_mask, enable_gqa=gqa)
+
+        def with_prompt(t_p, t_c):  # (B, nkv, P, hd), (B K, nkv, S, hd) -> (B K, nkv, P + S, hd)
+            t_c = t_c.view(B, K, *t_c.shape[1:])                              # (B, K, nkv, S, hd)
+            return torch.cat([t_p[:, None].expand(B, K, *t_p.shape[1:]), t_c], dim=3).flatten(0, 1)
+        y_c = F.scaled_dot_product_attention(q_c, with_prompt(k_p, k_c), with_prompt(v_p, v_c),
+                                             attn_mask=sp.cont_mask, enable_gqa=gqa)  # (B K, nh, S, hd)
+        y = torch.cat([y_p.transpose(1, 2).reshape(B * P, -1), y_c.transpose(1, 2).reshape(B * K * S, -1)])
+        return self.proj(y[None])                                           # (1, N, C)
 
 
 class MLP(nn.Module):
@@ -178,6 +210,25 @@ def positions_and_mask(attention_mask, S):
     return pos, ((causal & real[:, None, :]) | eye)[:, None]          # (B, S), (B, 1, S, S)
 
 
+@dataclass
+class SharedPrompt:
+    """How a packed row of B P + B K S tokens reads (Transformer.forward_shared_prompt): first B left-padded
+    prompts of P tokens, then each prompt's K right-padded continuations of S tokens. Every layer but attention
+    works token by token, so only Attention unpacks it (passed in trunk's `mask` slot)."""
+    B: int
+    P: int
+    K: int
+    S: int
+    prompt_mask: torch.Tensor  # (B, 1, P, P) bool, the prompts' own (positions_and_mask)
+    cont_mask: torch.Tensor    # (B K, 1, S, P + S) bool: the prompt's real tokens, then causal over itself
+
+
+def unpack(t, sp):
+    """t (B P + B K S, d) packed tokens -> the prompts' (B, P, d) and the continuations' (B K, S, d)."""
+    t_p, t_c = t.split([sp.B * sp.P, sp.B * sp.K * sp.S])
+    return t_p.view(sp.B, sp.P, -1), t_c.view(sp.B * sp.K, sp.S, -1)
+
+
 # ----------------------------------------------------------------------------- the model
 
 class Transformer(nn.Module):
@@ -210,10 +261,13 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, idx, return_hidden=False, *, attention_mask=None):
+    def forward(self, idx, return_hidden=False, *, attention_mask=None, continuations=None):
         """idx (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, C) with return_hidden.
         attention_mask (B, T) 0/1 (optional, left or right padding): positions count real tokens only and
-        pad keys are hidden; without it every row is a plain causal sequence."""
+        pad keys are hidden; without it every row is a plain causal sequence. With continuations (B, K, S):
+        forward_shared_prompt's hidden states, idx being the prompts, LEFT-padded by attention_mask."""
+        if continuations is not None:
+            return self.forward_shared_prompt(idx, attention_mask, continuations)
         B, T = idx.shape
         self._check_length(T)
         if attention_mask is None:
@@ -222,6 +276,27 @@ class Transformer(nn.Module):
             pos, mask = positions_and_mask(attention_mask, T)
         x = self.trunk(idx, pos, mask)                                     # (B, T, C)
         return x if return_hidden else self.lm_head(x)                     # (B, T, V)
+
+    def forward_shared_prompt(self, prompt, prompt_mask, cont):
+        """B prompts with K continuations each, every prompt run once: prompt (B, P) LEFT-padded (prompt_mask
+        (B, P) 0/1, None: no padding), cont (B, K, S) right-padded -> final-normed hidden states of the prompts
+        (B, P, C) and of the continuations (B, K, S, C): the ordinary forward's numbers on each prompt +
+        continuation. All B P + B K S tokens go through trunk as one packed row; gradients reach a prompt's
+        computation from all its K continuations, summed, as in the naive path."""
+        (B, P), (_, K, S), dev = prompt.shape, cont.shape, prompt.device
+        prompt_mask = torch.ones_like(prompt) if prompt_mask is None else prompt_mask
+        pos_p, mask_p = positions_and_mask(prompt_mask, P)                 # (B, P), (B, 1, P, P)
+        pos_c = prompt_mask.sum(-1, keepdim=True) + torch.arange(S, device=dev)  # (B, S): from the true length
+        if self.pos_emb is not None:  # past the table can only be padding (the caller's rows fit)
+            pos_c = pos_c.clamp(max=self.config.max_seq_len - 1)
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+        see = torch.cat([prompt_mask.bool()[:, None, None, None].expand(B, K, 1, S, P),
+                         causal.expand(B, K, 1, S, S)], dim=-1)            # (B, K, 1, S, P + S)
+        sp = SharedPrompt(B, P, K, S, mask_p, see.flatten(0, 1))
+        idx = torch.cat([prompt.reshape(-1), cont.reshape(-1)])[None]      # (1, B P + B K S)
+        pos = torch.cat([pos_p.reshape(-1), pos_c[:, None].expand(B, K, S).reshape(-1)])[None]
+        h_p, h_c = unpack(self.trunk(idx, pos, sp)[0], sp)                 # (B, P, C), (B K, S, C)
+        return h_p, h_c.view(B, K, S, -1)
 
     def trunk(self, idx, pos, mask=None, cache=None, start=0):
         """idx (B, T), pos (B or 1, T) -> final-normed hidden (B, T, C). With a cache (one (k, v) per layer,

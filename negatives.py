@@ -296,6 +296,26 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     return (input_ids, cont_mask, valid, kinds_bk) if return_kinds else (input_ids, cont_mask, valid)
 
 
+def split_prompts(ids, mask):
+    """(B, K, T) right-padded prompt + continuation rows, the K of an example sharing its prompt -> the prompts
+    (B, P) LEFT-padded with their 0/1 mask (B, P), the continuations (B, K, S) right-padded with their bool mask
+    (B, K, S) (model.Transformer.forward_shared_prompt's input), and the prompt lengths (B,)."""
+    B, K, T = ids.shape
+    n_prompt = mask.int().argmax(-1)  # (B, K): the first continuation position = the prompt's length
+    n_cont = mask.sum(-1)  # (B, K)
+    prompt_ids = ids[:, :1] * (torch.arange(T, device=ids.device) < n_prompt[..., None])  # (B, K, T), 0 past it
+    if (n_prompt != n_prompt[:, :1]).any() or (prompt_ids != prompt_ids[:, :1]).any():
+        raise ValueError("split_prompts: the K sequences of an example must share one prompt")
+    n_prompt = n_prompt[:, 0]  # (B,)
+    P, S = int(n_prompt.max()), int(n_cont.max())
+    src = n_prompt[:, None] - P + torch.arange(P, device=ids.device)  # (B, P): prompt position in each column
+    prompt_mask = (src >= 0).long()
+    prompt = ids[:, 0].gather(1, src.clamp(min=0)) * prompt_mask  # (B, P), 0 on the left padding
+    src = (n_prompt[:, None, None] + torch.arange(S, device=ids.device)).clamp(max=T - 1).expand(B, K, S)
+    cont_mask = torch.arange(S, device=ids.device) < n_cont[..., None]  # (B, K, S)
+    return prompt, prompt_mask, ids.gather(2, src) * cont_mask, cont_mask, n_prompt
+
+
 def _from_cache(an_cache, example_id, n):
     if example_id not in an_cache:
         raise KeyError(f"example {example_id!r} is not in the AN cache; rebuild it with this data")

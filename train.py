@@ -16,6 +16,7 @@ One CPO step, top to bottom, each function calling the next:
   cpo_objective                       one micro-batch of B examples
   negatives.build_cpo_batch           each example's ground truth and K-1 negatives: (B, K, T) ids, masks
   sequence_logps                      the model's forward pass to its final hidden states (model.py)
+  shared_prompt_logps                 the same, each prompt run once for its K continuations (--shared_prompt)
   cpo.sequence_logprobs_from_hidden   log pi(y|x) of the B*K sequences, policy and (cached) reference
   cpo.cpo_loss                        eq. (1), or eq. (2) with --ranked
 then train() clips the gradient norm and steps AdamW.
@@ -72,6 +73,7 @@ class Config:
     negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
     mn_model: str = opt("policy", "cpo: MN samples from 'policy' (pi_theta, as the paper's §3: the current weights, no grad; its samples change every step, so their log pi_ref is computed every step, never cached) or 'ref' (pi_ref: fixed samples per seed and example, scored once and cached; not the paper's)")
     ranked: bool = opt(False, "cpo: the ranked loss, eq. (2), ordering negatives by cosine similarity to the ground truth")
+    shared_prompt: bool = opt(True, "cpo/dpo: run each prompt once for its K continuations (false: the naive path, every sequence whole)")
     beta: float = opt(5.0, "cpo/dpo: inverse temperature of the implicit reward")
     mle_weight: float = opt(0.0, "cpo: alpha in alpha * L_MLE + L_CPO")
     an_cache: str = opt("", "cpo: folder of autoregressive negatives written by `python negatives.py`")
@@ -166,6 +168,7 @@ class Runtime:
     an_cache: dict | None = None  # example id -> AN negatives (negatives.load_an_cache)
     rejected: dict | None = None  # example id -> DPO's rejected Example (data.load_rejected)
     batch: list = field(default_factory=list)  # this step's whole global batch (Examples): BN's pool
+    shared_prompt: bool = True  # cpo/dpo: score (B, K, T) groups with the shared-prompt forward
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -233,6 +236,21 @@ def sequence_logps(model, ids, mask):
     return cpo.sequence_logprobs_from_hidden(hidden, unwrap(model).lm_head.weight, ids[:, 1:], mask[:, 1:])
 
 
+def shared_prompt_logps(model, ids, mask):
+    """sequence_logps of (B, K, T) sequences -> (B, K), each prompt run once for its K continuations
+    (model.Transformer.forward_shared_prompt): the same numbers, a prompt's cost paid once instead of K times."""
+    B, K, T = ids.shape
+    prompt, prompt_mask, cont, cont_mask, n_prompt = negatives.split_prompts(ids, mask)
+    if int(n_prompt.min()) == 0:  # nothing predicts a first token without a prompt; the naive path skips it
+        return sequence_logps(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
+    unwrap(model)._check_length(T - 1)  # the naive path's rows; past them forward_shared_prompt sees only padding
+    h_p, h_c = model(prompt, return_hidden=True, attention_mask=prompt_mask, continuations=cont)  # (B, P, C), (B, K, S, C)
+    # the prompt's last hidden state predicts each continuation's first token, h_c[:, :, s] the token s + 1
+    hidden = torch.cat([h_p[:, None, -1:].expand(B, K, 1, h_p.shape[-1]), h_c[:, :, :-1]], dim=2)  # (B, K, S, C)
+    return cpo.sequence_logprobs_from_hidden(hidden.flatten(0, 1), unwrap(model).lm_head.weight,
+                                             cont.flatten(0, 1), cont_mask.flatten(0, 1)).view(B, K)
+
+
 def sequence_keys(ids, mask):
     """The key of the reference cache: a 16-byte hash of the sequence's tokens up to its EOS."""
     ends = (mask.cumsum(1).argmax(1) + 1).tolist()  # position after the last continuation token
@@ -241,21 +259,30 @@ def sequence_keys(ids, mask):
 
 @torch.no_grad()
 def reference_logps(ref, ids, mask, cache, device, autocast, cacheable=None):
-    """log pi_ref(y|x) (N,). With a cache, each distinct sequence is scored once for the whole run: the ground
-    truths, AN, TN (and MN from pi_ref) negatives are a pure function of (seed, example), so they come back every
-    epoch; BN negatives recur when two examples share a batch again. Rows with cacheable (N,) False are scored
-    afresh and never stored (MN from the policy: new every step, they would only grow the cache)."""
+    """log pi_ref(y|x) of (N, T) sequences (N,), or of (B, K, T) groups sharing a prompt (B, K), each prompt
+    run once (shared_prompt_logps). With a cache, each distinct sequence is scored once for the whole run: the
+    ground truths, AN, TN (and MN from pi_ref) negatives are a pure function of (seed, example), so they come
+    back every epoch; BN negatives recur when two examples share a batch again. A row (a sequence, or a group)
+    with any sequence not cached is scored whole; the keys are the same sequence hashes either way. Sequences
+    whose cacheable (ids' shape without T) is False are scored afresh and never stored (MN from the policy:
+    new every step, they would only grow the cache)."""
+    score = shared_prompt_logps if ids.dim() == 3 else sequence_logps
     if cache is None:
         with autocast:
-            return sequence_logps(ref, ids.to(device), mask.to(device)).float()
-    keys = sequence_keys(ids, mask)
-    missing = [i for i, k in enumerate(keys) if k not in cache or (cacheable is not None and not cacheable[i])]
+            return score(ref, ids.to(device), mask.to(device)).float()
+    keys = sequence_keys(ids.flatten(0, -2), mask.flatten(0, -2))
+    K = len(keys) // len(ids)  # sequences per row of ids: 1, or a group's K
+    fresh = [False] * len(keys) if cacheable is None else (~cacheable.flatten().bool()).tolist()
+    stale = [fresh[j] or keys[j] not in cache for j in range(len(keys))]
+    missing = [i for i in range(len(ids)) if any(stale[i * K:(i + 1) * K])]
     scored = {}
     if missing:
         with autocast:
-            scored = dict(zip(missing, sequence_logps(ref, ids[missing].to(device), mask[missing].to(device)).float().tolist()))
-        cache.update((keys[i], s) for i, s in scored.items() if cacheable is None or cacheable[i])
-    return torch.tensor([scored[i] if i in scored else cache[k] for i, k in enumerate(keys)], device=device)
+            scores = score(ref, ids[missing].to(device), mask[missing].to(device)).float().flatten().tolist()
+        scored = dict(zip([i * K + j for i in missing for j in range(K)], scores))
+        cache.update((keys[j], s) for j, s in scored.items() if stale[j] and not fresh[j])
+    logps = [scored[j] if stale[j] else cache[k] for j, k in enumerate(keys)]
+    return torch.tensor(logps, device=device).view(ids.shape[:-1])
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -270,12 +297,17 @@ def mle_objective(cfg, policy, ref, examples, rt, micro_id):
 
 
 def score_sequences(policy, ref, ids, mask, rt, cacheable=None):
-    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors; cacheable (B, K): see reference_logps."""
+    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors (rt.shared_prompt: each prompt
+    run once); cacheable (B, K): see reference_logps."""
     B, K, T = ids.shape
-    ids, mask = ids.view(B * K, T), mask.view(B * K, T)
-    policy_logps = sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).view(B, K)
-    cacheable = None if cacheable is None else cacheable.reshape(B * K)
-    ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast, cacheable).view(B, K)
+    if rt.shared_prompt:
+        policy_logps = shared_prompt_logps(policy, ids.to(rt.device), mask.to(rt.device))
+        ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast, cacheable)
+    else:
+        ids, mask = ids.view(B * K, T), mask.view(B * K, T)
+        cacheable = None if cacheable is None else cacheable.reshape(B * K)
+        policy_logps = sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).view(B, K)
+        ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast, cacheable).view(B, K)
     if not torch.isfinite(policy_logps).all():  # the model diverged; the loop stops the run cleanly
         raise FloatingPointError("the policy's log-probs are NaN or inf")
     return policy_logps, ref_logps
@@ -425,7 +457,6 @@ def train_step(cfg, policy, ref, micro, rt, step, units, world):
     return all_sum(sums).tolist(), tokens
 
 
-
 def train(cfg):
     """One run: cfg.steps optimisation steps of cfg.objective from cfg.init_from. Returns the final model's folder."""
     validate_config(cfg)
@@ -455,7 +486,7 @@ def train(cfg):
     if ref is not None:
         ref.to(device)
     optimizer = make_optimizer(model, cfg, device)
-    rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id,
+    rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=cfg.shared_prompt,
                  an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
                  rejected=data.load_rejected(cfg.dpo_rejected, train_set, tok, cfg.max_len) if cfg.objective == "dpo" else None)
 
