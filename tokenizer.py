@@ -5,6 +5,7 @@ tokenizer of the CPU experiments. BOS, EOS and PAD come from the folder's own fi
 """
 import json
 import os
+import re
 import unicodedata
 
 import sentencepiece
@@ -202,14 +203,10 @@ class Tokenizer:
         """sentencepiece, each allowed special token's text cut out first and encoded as its id."""
         if not allowed:
             return self.sp.encode(text)
-        ids, start = [], 0
-        for i in range(len(text) + 1):
-            hit = next((t for t in allowed if text.startswith(t, i)), None) if i >= start else None
-            if hit is not None or i == len(text):
-                ids += self.sp.encode(text[start:i]) if text[start:i] else []
-                if hit is not None:
-                    ids.append(self.sp.piece_to_id(hit))
-                    start = i + len(hit)
+        parts = re.split("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")", text)
+        ids = []
+        for j, part in enumerate(parts):  # odd parts are the special tokens' texts
+            ids += [self.sp.piece_to_id(part)] if j % 2 else self.sp.encode(part) if part else []
         return ids
 
     def decode(self, ids):
@@ -237,7 +234,8 @@ class Tokenizer:
             return None
         if self.sp is not None:
             return self.sp.id_to_piece(i)
-        return next((t for t, j in self.added.items() if j == i), None) or self.id_to_bytes[i].decode("latin-1")
+        byte_char = bytes_to_unicode()
+        return next((t for t, j in self.added.items() if j == i), None) or "".join(byte_char[b] for b in self.id_to_bytes[i])
 
     def tokenizer_config(self):
         names = {f"{k}_token": self.token(v) for k, v in self.specials.items() if v is not None}
