@@ -42,8 +42,8 @@ def number(kind, low, strict=False, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        if not math.isfinite(value) or value < low or (strict and value == low):  # nan, inf: refused too
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
         return value

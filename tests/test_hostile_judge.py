@@ -155,6 +155,19 @@ def test_judge_names_the_torn_or_null_line(fake_judge, tmp_path):
     assert server.seen == []
 
 
+def test_mauve_names_the_torn_or_null_line(tmp_path):
+    gens = tmp_path / "gens.jsonl"
+    write_generations(gens, 2)
+    argv = ["mauve", "--p-text", str(gens), "--q-text", str(gens), "--featurizer", str(tmp_path / "never-loaded")]
+    with open(gens, "a") as f:
+        f.write('{"id": "ex2", "gener')
+    with pytest.raises(SystemExit, match="gens.jsonl:3: bad JSON"):
+        evaluate.main(argv)
+    write_generations(gens, 2, generation=None)
+    with pytest.raises(SystemExit, match="gens.jsonl:1: expected an object whose 'generation' is a string"):
+        evaluate.main(argv)
+
+
 # ----------------------------------------------------------------------------- 8: Retry-After and Ctrl-C
 @pytest.mark.parametrize("retry_after", ["3600", "1e999"])
 def test_retry_after_is_capped(fake_judge, retry_after):
@@ -223,7 +236,7 @@ def test_judge_from_code_refuses_bad_settings(tmp_path):
 def test_mauve_and_interpolate_refuse_bad_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["mauve", "--p", "p.npy", "--q", "q.npy", "--num-buckets", "0"])
-    assert e.value.code == 2 and "argument --num-buckets: must be >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --num-buckets: must be a finite number >= 1" in capsys.readouterr().err
     out = str(tmp_path / "ens")
     with pytest.raises(SystemExit, match="'' is not a number"):
         evaluate.main(["interpolate", "--mle", "m", "--cpo", "c", "--alphas", "0,,1", "--out", out])
