@@ -5,7 +5,7 @@ Every number printed is a ratio against that baseline, so the machine's speed ca
     python bench.py model       # forward+backward and greedy decoding vs transformers
     python bench.py loss        # peak memory of the three log-prob paths
     python bench.py negatives   # autoregressive-negative throughput vs transformers' sampling
-    python bench.py train       # one CPO step (K = 12) vs one MLE step
+    python bench.py train       # one CPO step (K = 12) vs one MLE step; the shared-prompt CPO step vs the naive one
 """
 import argparse
 import os
@@ -306,7 +306,64 @@ def bench_train():
         mb, secs = map(float, out.split()[-2:])
         mle = mle or (mb, secs)
         print(f"{name:42s} {secs:7.3f} {secs / mle[1]:6.2f}x {mb:8.1f} {mb / mle[0]:6.2f}x", flush=True)
+    print()
+    shared_prompt_table()
 
+
+def _shared_prompt_worker(mode, P, S, B=1, K=12):
+    """One CPO step (eq. (1), forward, backward, AdamW) in THIS process of a random GPT-2-small-shaped model
+    (12 x 768, vocabulary 50257) on B examples x K continuations, prompts of P tokens, continuations of S,
+    the policy scored by the shared-prompt forward ('shared') or every sequence whole ('naive'); the reference
+    log-probs are cached (as in a run after each sequence's first visit). A warm-up step on a tiny batch makes
+    AdamW's state first. Prints 'peak_MB seconds': growth of resident memory over the timed step."""
+    import cpo
+    import train
+    torch.manual_seed(0)
+    policy = Transformer(ModelConfig())
+    optimizer = train.make_optimizer(policy, train.Config(), torch.device("cpu"))
+
+    def batch(P, S):  # (B, K, P + S): each example's prompt repeated in its K rows, as negatives lays them out
+        g = torch.Generator().manual_seed(P * 1000 + S)
+        prompts = torch.randint(policy.config.vocab_size, (B, 1, P), generator=g).expand(B, K, P)
+        ids = torch.cat([prompts, torch.randint(policy.config.vocab_size, (B, K, S), generator=g)], dim=-1)
+        return ids, torch.arange(P + S) >= P
+
+    def step(ids, mask):
+        mask = mask.expand(ids.shape)
+        if mode == "shared":
+            logps = train.shared_prompt_logps(policy, ids, mask)                           # (B, K)
+        else:
+            logps = train.sequence_logps(policy, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
+        cpo.cpo_loss(logps, torch.zeros_like(logps))[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(*batch(4, 4))
+    ids, mask = batch(P, S)
+    base = _reset_peak_rss()
+    t0 = time.perf_counter()
+    step(ids, mask)
+    print(f"{_rss_mb('VmHWM') - base:.1f} {time.perf_counter() - t0:.3f}")
+
+
+def shared_prompt_table(shapes=((100, 100), (400, 60), (77, 435))):
+    """The shared-prompt CPO step against the naive one on the same examples, each in a fresh process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    print("one CPO step (forward, backward, AdamW), GPT-2-small shape (random), 1 example x K = 12, float32, CPU,")
+    print(f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}; reference log-probs cached; "
+          "peak = growth of resident memory in the step")
+    print(f"{'prompt / answer tokens':24s} {'naive s':>8s} {'shared s':>9s} {'ratio':>6s} {'naive MB':>9s} "
+          f"{'shared MB':>10s} {'ratio':>6s}")
+    for P, S in shapes:
+        res = {}
+        for mode in ("naive", "shared"):
+            cmd = [sys.executable, "-c", f"import bench; bench._shared_prompt_worker({mode!r}, {P}, {S})"]
+            out = subprocess.run(cmd, cwd=here, capture_output=True, text=True, check=True).stdout
+            res[mode] = tuple(map(float, out.split()[-2:]))  # (MB, seconds)
+        (mb_n, t_n), (mb_s, t_s) = res["naive"], res["shared"]
+        print(f"{f'{P} / {S}':24s} {t_n:8.2f} {t_s:9.2f} {t_s / t_n:5.2f}x {mb_n:9.0f} {mb_s:10.0f} "
+              f"{mb_s / mb_n:5.2f}x", flush=True)
+    print("target at 100 / 100: time <= 0.65x, peak memory <= 0.75x the naive step")
 
 
 if __name__ == "__main__":
