@@ -139,16 +139,28 @@ def resume_newest(cfg, model, optimizer, rank, log=print):
                                  f"\nOnly {', '.join(sorted(SAFE_TO_CHANGE))} may change (use a new --out_dir "
                                  f"for a new run)")
             step, ref_cache = restore_checkpoint(path, model, optimizer, rank)
+            loaded = True
         except ValueError as e:
             log(f"{path} is damaged ({e}); trying the checkpoint before it")
             bad.append(str(e))
+            loaded = False
+        if not all_ranks(loaded, next(model.parameters()).device):  # a later restore overwrites a partial one
             continue
-        if bad:
+        if path != checkpoints(cfg.out_dir)[-1]:
             log(f"fell back to {path}, the newest checkpoint that loads")
         return step, ref_cache
-    if bad:
+    if checkpoints(cfg.out_dir):
         raise SystemExit(f"--resume: no checkpoint in {cfg.out_dir} loads:\n  " + "\n  ".join(bad))
     return 0, {}
+
+
+def all_ranks(flag, device):
+    """True iff flag is True on every rank: ranks resume from the same checkpoint, or none does."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def restore_checkpoint(path, model, optimizer, rank):

@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+from urllib.parse import urlparse
 
 import requests
 
@@ -23,6 +24,11 @@ def log(msg):
 def cache_dir():
     """Where downloads are kept: $NANOCPO_CACHE, default ~/.cache/nanocpo."""
     return os.environ.get("NANOCPO_CACHE") or os.path.expanduser("~/.cache/nanocpo")
+
+
+def hub_endpoint():
+    """The model hub: $HF_ENDPOINT, default https://huggingface.co. Only its host is ever sent $HF_TOKEN."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
 def inside(folder, name):
@@ -159,7 +165,7 @@ def download(url, dest_path, retries=5):
     into place (the rest is asked for again)."""
     part = dest_path + ".part"
     os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
-    token = os.environ.get("HF_TOKEN")
+    token = os.environ.get("HF_TOKEN") if urlparse(url).netloc == urlparse(hub_endpoint()).netloc else None
     for attempt in range(retries + 1):
         have = os.path.getsize(part) if os.path.exists(part) else 0
         headers = {"Accept-Encoding": "identity"}  # byte offsets must be file offsets, not gzip offsets

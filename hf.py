@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from common import cache_dir, download, inside, write_folder_atomic
+from common import cache_dir, download, hub_endpoint, inside, write_folder_atomic
 from model import ModelConfig, Transformer
 from tokenizer import COMPANION_FILES, load_tokenizer
 
@@ -433,7 +433,7 @@ def hub_download(repo):
     """Fetch a hub repo's config, weights (safetensors preferred, sharded too) and tokenizer into the cache
     folder ($NANOCPO_CACHE, default ~/.cache/nanocpo) -> that folder. Cached files are never fetched again."""
     check_hub_name(repo)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    endpoint = hub_endpoint()
     folder = inside(cache_dir(), repo)  # the cache key, too, must stay in the cache
 
     def fetch(name, optional=False):

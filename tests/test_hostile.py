@@ -43,12 +43,13 @@ class Server:
     bytes to send) replies, used in turn (the last one repeats); anything else is 404. Logs the paths."""
 
     def __init__(self):
-        self.routes, self.log = {}, []
+        self.routes, self.log, self.auth = {}, [], []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.log.append(self.path)
+                server.auth.append(self.headers.get("Authorization"))
                 replies = next((r for key, r in server.routes.items() if self.path.endswith(key)), None)
                 if not replies:
                     self.send_error(404)
@@ -137,8 +138,8 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     train.train(cos)
     with pytest.raises(SystemExit, match="cosine"):  # the cosine's length is the run's steps: that is math
         train.train(replace(cos, steps=3, resume=True))
-    assert "may change" in train.Config.__dataclass_fields__["resume"].metadata["help"] or \
-        "keep_last" in train.Config.__dataclass_fields__["resume"].metadata["help"]
+    help = train.Config.__dataclass_fields__["resume"].metadata["help"]  # --help says what may change
+    assert "keep_last" in help and "log_interval" in help and "--steps may grow" in help
 
 
 # ----------------------------------------------------------------------------- 6: a damaged newest checkpoint
@@ -226,7 +227,9 @@ def test_data_names_non_utf8_lines_and_duplicate_ids(tmp_path):
         data.load_rejected(str(tmp_path / "rejected.jsonl"), [], tok, 32)
 
 
-def test_data_url_500_is_retried_and_html_or_short_bodies_are_not_cached(tmp_path, server):
+def test_data_url_500_is_retried_and_html_or_short_bodies_are_not_cached(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf-secret")  # the hub's token is not sent to a data host (another port here)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
     tok, body = byte_tokenizer(), b'{"prompt": "p", "response": "r"}\n' * 50
     server.serve("/flaky.jsonl", b"oops", status=500)
     server.serve("/flaky.jsonl", body)
@@ -239,6 +242,7 @@ def test_data_url_500_is_retried_and_html_or_short_bodies_are_not_cached(tmp_pat
     server.serve("/short.jsonl", body)
     path = data.fetch(f"{server.url}/short.jsonl", cache_dir=str(tmp_path / "c3"))
     assert open(path, "rb").read() == body
+    assert server.auth and not any(server.auth)
 
 
 # ----------------------------------------------------------------------------- fuzz: byte flips of a model folder

@@ -404,6 +404,7 @@ def test_download_resumes_with_range(tmp_path, server, monkeypatch):
     (tmp_path / "srv" / "blob.bin").write_bytes(data)
     server.drop_after = 400_000
     monkeypatch.setenv("HF_TOKEN", "secret-token")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # the token goes to the hub's host only
     dest = tmp_path / "dl" / "blob.bin"
     common.download(f"{server.url}/blob.bin", str(dest))
     assert dest.read_bytes() == data
