@@ -333,3 +333,24 @@ def test_every_readme_command_parses(monkeypatch):
         main = {"evaluate.py": evaluate.main, "negatives.py": negatives.main, "miniature.py": miniature.main}[script]
         with pytest.raises(Parsed):
             main(argv)
+
+# ----------------------------------------------------------------------------- one length rule
+
+
+def test_generate_reads_the_training_max_len_and_cuts_wiki_references(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "model", torch.float32)  # context 64
+    net, tok = hf.load(folder)
+    assert hf.window_len(folder, net) == 64 and hf.window_len(folder, net, 30) == 30
+    (tmp_path / "model" / hf.RUN_FILE).write_text(json.dumps({"max_len": 40}))  # as train.py writes final/
+    assert hf.window_len(folder, net) == 40 and hf.window_len(folder, net, 30) == 30
+    (tmp_path / "wiki.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "lorem ipsum dolor " * 12}) + "\n"
+                                                 for i in range(20)))
+    task, out = f"wiki:{tmp_path / 'wiki.jsonl'}", tmp_path / "gens.jsonl"
+    evaluate.main(["generate", "--model", folder, "--task", task, "--split", "all", "--n", "0", "--out", str(out),
+                   "--max-new-tokens", "5"])
+    rows = {r["id"]: r for r in map(json.loads, open(out))}
+    examples = {e.id: e for e in data.load_task(task, "all", tok, 40)}  # training's windows at max_len 40
+    assert rows.keys() == examples.keys()
+    for i, e in examples.items():
+        assert rows[i]["prompt"] == e.prompt
+        assert rows[i]["reference"] == tok.decode(e.continuation_ids[:5]) and len(e.continuation_ids) > 5
