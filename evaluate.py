@@ -118,7 +118,7 @@ def generate(args):
     """Continuations of N test prompts (a seeded choice, the same for every model) -> jsonl, resumable."""
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     net, tok = hf.load(args.model, device=args.device, dtype=dtype)
-    examples = data.load_task(args.task, args.split, tok, args.max_len)
+    examples = data.load_task(args.task, args.split, tok, hf.window_len(args.model, net, args.max_len))
     if args.n and args.n < len(examples):
         examples = random.Random(args.seed).sample(examples, args.n)
     written = {r["id"] for r in read_jsonl(args.out, skip_torn_last_line=True)} if os.path.exists(args.out) else set()
@@ -135,6 +135,7 @@ def generate(args):
     if not todo:
         return
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    wiki = args.task.startswith("wiki")  # a Wiki reference is cut to what a generation may produce (MAUVE, judge)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.time()
     with open(args.out, "a") as f:
@@ -143,7 +144,8 @@ def generate(args):
             batch = todo[s:s + args.batch_size]
             gens = generate_batch(net, tok, [e.prompt_ids for e in batch], args.max_new_tokens, decoding, generator)
             for e, ids in zip(batch, gens):
-                f.write(json.dumps({"id": e.id, "prompt": e.prompt, "reference": e.response,
+                reference = new_text(tok, e.continuation_ids[:args.max_new_tokens]) if wiki else e.response
+                f.write(json.dumps({"id": e.id, "prompt": e.prompt, "reference": reference,
                                     "generation": new_text(tok, ids), "config": config}) + "\n")
             f.flush()  # a crash loses at most this batch
             done = s + len(batch)
@@ -471,9 +473,10 @@ def main(argv=None):
     sp.add_argument("--n", type=number(int, 0), default=1000, help="prompts, a seeded choice among the split (0: all)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the choice of prompts and of sampling")
     sp.add_argument("--out", required=True, help="jsonl to append to; ids already there are skipped")
-    sp.add_argument("--max-len", type=number(int, 2), default=1024,
-                    help="data.py's max_len: prompt + reference tokens")
-    sp.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="generation length limit")
+    sp.add_argument("--max-len", type=number(int, 2), default=None, help="data.py's max_len, prompt + reference tokens "
+                    "(default: the model's training max_len from its nanocpo.json, else its context; see hf.window_len)")
+    sp.add_argument("--max-new-tokens", type=number(int, 1), default=256,
+                    help="generation length limit; Wiki references are cut to it")
     sp.add_argument("--batch-size", type=number(int, 1), default=16, help="prompts per generate call")
     sp.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy; > 0 samples")
     sp.add_argument("--top-k", type=number(int, 1), default=None, help="sample among the k most likely tokens")

@@ -320,6 +320,20 @@ def read_hf_weights(folder):
     raise ValueError(f"{folder}: no weights (looked for {', '.join(WEIGHT_FILES)})")
 
 
+RUN_FILE = "nanocpo.json"  # train.py writes it into final/: {"max_len": the length of its training windows}
+
+
+def window_len(folder, net, max_len=None):
+    """The one length rule for prompt + continuation windows (data.load_task's max_len), shared by training,
+    evaluate.py generate and the AN tool: an explicit max_len, else the max_len the model was trained with
+    (RUN_FILE in its folder), else the model's context."""
+    path = os.path.join(os.fspath(folder), RUN_FILE)
+    if max_len is None and os.path.isfile(path):
+        with open(path) as f:
+            max_len = json.load(f)["max_len"]
+    return max_len or net.config.max_seq_len
+
+
 def load(path, device="cpu", dtype=None):
     """A local HF folder or a hub name ("gpt2-xl", "openlm-research/open_llama_3b") -> (model, tokenizer).
     tokenizer is None when the folder has no tokenizer files; when it has one, its BOS/EOS (tokenizer.special_ids)

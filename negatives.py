@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from common import cut_at_eos, read_jsonl, write_atomic
 from data import load_task, pad_right
-from hf import load
+from hf import load, window_len
 from model import left_pad
 
 KINDS = ("an", "bn", "mn", "tn")
@@ -351,7 +351,7 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
     Shards already written are skipped (a rerun resumes; max_shards time-boxes one run); under torchrun
     the ranks share the shards (i % world == rank), with the same samples as one process, since each
     shard's stream is make_generator(seed, "an-shard", i). seed is also the synthetic task's, as train.py's.
-    max_len: load_task's (default the model's max_seq_len). ValueError if `out` holds other settings' shards."""
+    max_len: load_task's (default: hf.window_len, the model's training max_len). ValueError if `out` holds other settings' shards."""
     (kind, n), *rest = parse_spec(spec)
     if kind != "an" or rest:
         raise ValueError(f"spec must be an:N (bn/mn/tn are made on the fly in training), got {spec!r}")
@@ -360,7 +360,7 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
     net, tokenizer = load(model, device=device)
     assert tokenizer is not None, f"{model} has no tokenizer files"
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else net.config.eos_id
-    examples = load_task(data, split, tokenizer, max_len or net.config.max_seq_len, n=limit, seed=seed)
+    examples = load_task(data, split, tokenizer, window_len(model, net, max_len), n=limit, seed=seed)
     num_shards = math.ceil(len(examples) / shard_size)
 
     # the settings that decide the output; a rerun with other settings must not mix into these shards
@@ -413,7 +413,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each shard's stream is hashed from (seed, "
                    "shard)); also the synthetic task's seed, as train.py's --seed: use the same value")
     p.add_argument("--max-len", type=int, default=None, help="data.load_task max_len, as train.py's "
-                   "(default the model's max_seq_len)")
+                   "(default: the max_len the model was trained with, from its nanocpo.json, else its context)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of the split")
     p.add_argument("--max-shards", type=int, default=None, help="stop after writing N shards in this run "
                    "(a time-boxed job; rerun to go on)")

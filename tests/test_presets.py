@@ -1,7 +1,10 @@
 """The paper's runs as shipped (issue #13): every preset matches the paper and runs one step unmodified on a
 tiny stand-in; BN from the global batch; float32 master weights from 16-bit checkpoints; MN from pi_theta."""
+import argparse
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -10,7 +13,9 @@ import pytest
 import torch
 
 import data
+import evaluate
 import hf
+import miniature
 import model as modeling
 import negatives
 import train
@@ -266,3 +271,86 @@ def test_mn_samples_from_the_current_policy_and_the_ref_option_works(tmp_path):
     train.cpo_objective(as_ref, policy, ref, examples, rt, (0, 0))
     assert len(rt.ref_cache) > 2 * len(examples)
     train.train(replace(as_ref, steps=1, ckpt_interval=0, out_dir=str(tmp_path)))  # a run with --mn_model=ref
+
+# ----------------------------------------------------------------------------- every README command parses
+
+
+class Parsed(Exception):
+    """Raised where a command would start its work: its arguments parsed and checked."""
+
+
+def readme_commands():
+    """(script, argv) of every python/torchrun command in README.md's bash blocks: continuation lines joined,
+    comments dropped, $T expanded, `for run in a b; do CMD; done` unrolled. pip and pytest lines are left out."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        env = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line or line.startswith("#") or line.startswith("pip "):
+                continue
+            if m := re.fullmatch(r'(\w+)="(.*)"', line):
+                env[m[1]] = m[2]
+                continue
+            for k, v in env.items():
+                line = line.replace(f"${k}", v)
+            loop = re.fullmatch(r"for (\w+) in (.*?); do (.*); done", line)
+            lines = [loop[3].replace(f"${loop[1]}", v) for v in loop[2].split()] if loop else [line]
+            for cmd in map(shlex.split, lines):
+                script = next(i for i, w in enumerate(cmd) if w.endswith(".py") or w == "-m")
+                if cmd[script] != "-m":
+                    out.append((cmd[script], cmd[script + 1:]))
+    return out
+
+
+def test_every_readme_command_parses(monkeypatch):
+    commands = readme_commands()
+    assert {s for s, _ in commands} >= {"train.py", "evaluate.py", "negatives.py", "miniature.py"}
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        ns = real(self, args, namespace)
+        if not hasattr(ns, "func"):
+            raise Parsed(ns)
+        ns.func = lambda a: (_ for _ in ()).throw(Parsed(a))  # evaluate.py: its own checks run first
+        return ns
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for script, argv in commands:
+        if script == "train.py":
+            try:
+                preset, flags = train.parse_args(argv)
+            except Parsed as e:
+                preset, flags = e.args[0].preset, {k: v for k, v in vars(e.args[0]).items() if k != "preset" and v is not None}
+            except SystemExit as e:
+                assert argv == ["--help"] and e.code == 0, (script, argv)
+                continue
+            config, stages = train.load_preset(os.path.join(ROOT, preset or "config/default.py"))
+            for overrides in [{}, *stages.values()]:
+                train.Config(**{**config, **overrides, **flags})
+            continue
+        main = {"evaluate.py": evaluate.main, "negatives.py": negatives.main, "miniature.py": miniature.main}[script]
+        with pytest.raises(Parsed):
+            main(argv)
+
+# ----------------------------------------------------------------------------- one length rule
+
+
+def test_generate_reads_the_training_max_len_and_cuts_wiki_references(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "model", torch.float32)  # context 64
+    net, tok = hf.load(folder)
+    assert hf.window_len(folder, net) == 64 and hf.window_len(folder, net, 30) == 30
+    (tmp_path / "model" / hf.RUN_FILE).write_text(json.dumps({"max_len": 40}))  # as train.py writes final/
+    assert hf.window_len(folder, net) == 40 and hf.window_len(folder, net, 30) == 30
+    (tmp_path / "wiki.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "lorem ipsum dolor " * 12}) + "\n"
+                                                 for i in range(20)))
+    task, out = f"wiki:{tmp_path / 'wiki.jsonl'}", tmp_path / "gens.jsonl"
+    evaluate.main(["generate", "--model", folder, "--task", task, "--split", "all", "--n", "0", "--out", str(out),
+                   "--max-new-tokens", "5"])
+    rows = {r["id"]: r for r in map(json.loads, open(out))}
+    examples = {e.id: e for e in data.load_task(task, "all", tok, 40)}  # training's windows at max_len 40
+    assert rows.keys() == examples.keys()
+    for i, e in examples.items():
+        assert rows[i]["prompt"] == e.prompt
+        assert rows[i]["reference"] == tok.decode(e.continuation_ids[:5]) and len(e.continuation_ids) > 5
