@@ -113,8 +113,11 @@ def hand_logp(model, ids, mask):
     return sum(logits[t - 1, ids[t]] for t in range(1, len(ids)) if mask[t])
 
 
+@pytest.mark.parametrize("shared_prompt", [False, True])
 @pytest.mark.parametrize("ranked", [False, True])
-def test_cpo_step_gradient_matches_hand_written_formula(ranked):
+def test_cpo_step_gradient_matches_hand_written_formula(ranked, shared_prompt):
+    # the shared-prompt forward sums the prompt's gradient over K continuations in another order: float32
+    # rounding of near-zero gradient entries then differs by a few 1e-5, hence its looser atol
     cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:2", ranked=ranked, beta=5.0)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
@@ -122,7 +125,7 @@ def test_cpo_step_gradient_matches_hand_written_formula(ranked):
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
-    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id)
+    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=shared_prompt)
     loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))
     (loss_sum / len(examples)).backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
@@ -142,7 +145,8 @@ def test_cpo_step_gradient_matches_hand_written_formula(ranked):
             total = total - (r[0] - torch.logsumexp(torch.stack(r), 0))
     (total / B).backward()
     for n, p in policy.named_parameters():
-        torch.testing.assert_close(ours[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-4 if shared_prompt else 1e-5, rtol=1e-4,
+                                   msg=lambda m: f"{n}: {m}")
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
