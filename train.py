@@ -41,7 +41,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cpo
 import data
 import evaluate
+import fsdp
 import negatives
+import plan
 from checkpoint import barrier, checkpoints, restore_checkpoint, save_checkpoint
 from common import write_atomic
 from hf import load, save_pretrained
@@ -88,6 +90,11 @@ class Config:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = opt("auto", "auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
     compile: bool = opt(False, "torch.compile the model")
+    fsdp: bool = opt(False, "shard weights, gradients, AdamW state and pi_ref over the ranks (FSDP2, fsdp.py) instead of DDP")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward: less memory, ~1 more forward")
+    plan: bool = opt(False, "print the memory plan (plan.py) for this run and exit, reading no weights")
+    plan_world_size: int = opt(0, "--plan: the number of GPUs to plan for (0: this launch's world size)")
+    plan_gpu_gb: float = opt(0.0, "GiB per GPU to plan for (0: the GPU's free memory, or 80 without a GPU)")
     seed: int = opt(0, "seed of data order, negatives and initialisation")
     # output
     out_dir: str = opt("out/run", "checkpoints, logs and the final model go here")
@@ -369,7 +376,7 @@ def train_step(cfg, policy, ref, micro, rt, step, units, world):
     sums, tokens, zero = torch.zeros(3, device=device), 0, torch.zeros((), device=device)
     for m, examples in enumerate(micro):
         # DDP all-reduces the gradients on the last micro-step only, and must know it before the forward
-        with (policy.no_sync() if world > 1 and m < accum - 1 else nullcontext()), rt.autocast:
+        with fsdp.grad_sync(policy, m == accum - 1), rt.autocast:
             loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, rt, (step, rank * accum + m))
         (loss_sum * world / units).backward()  # DDP averages over ranks: this makes it the global batch's mean
         sums += torch.stack([loss_sum.detach().float(), len(examples) * metrics.get("reward_accuracy", zero),
@@ -391,7 +398,11 @@ def train(cfg):
     if cfg.objective not in OBJECTIVES:
         raise SystemExit(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
+    if cfg.fsdp and world == 1:
+        raise SystemExit("--fsdp shards over the ranks of a torchrun launch; with one process, drop --fsdp")
+    plan.check(cfg, world, device, log)  # before any weights are read: stops here if the run cannot fit
     model, tok = build_model(cfg)
+    model.checkpoint_blocks = cfg.activation_checkpointing
     ref = frozen_copy(model) if cfg.objective in ("cpo", "dpo") else None
     train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed)
     val_set = data.load_task(cfg.task, "test", tok, cfg.max_len, n=cfg.n_val, seed=cfg.seed)[:cfg.n_val]
@@ -400,6 +411,11 @@ def train(cfg):
     model.to(device)
     if ref is not None:
         ref.to(device)
+    if cfg.fsdp:  # before the optimizer, which must see the sharded parameters
+        fsdp.shard(model, device)
+        if ref is not None:
+            fsdp.shard(ref, device)
+    save, restore = (fsdp.save, fsdp.restore) if cfg.fsdp else (save_checkpoint, restore_checkpoint)
     optimizer = make_optimizer(model, cfg, device)
     rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id,
                  an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
@@ -408,7 +424,7 @@ def train(cfg):
     start = 0
     if cfg.resume and checkpoints(cfg.out_dir):
         path = checkpoints(cfg.out_dir)[-1]
-        start, rt.ref_cache = restore_checkpoint(path, model, optimizer, rank)
+        start, rt.ref_cache = restore(path, model, optimizer, rank)
         log(f"resumed from {path} at step {start}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -419,7 +435,7 @@ def train(cfg):
     if ref is not None:
         log("reference log-probs: computed once per distinct sequence and cached (negatives are fixed per seed and example)")
 
-    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not cfg.fsdp else model
     if cfg.compile:
         policy = torch.compile(policy)
     fpt, peak = flops_per_token(model), peak_flops(device)
@@ -455,14 +471,15 @@ def train(cfg):
             extra = f" | acc {sums[1] / cfg.batch_size:.2f} margin {sums[2] / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
             mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
             log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
-        if master and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
+        if (master or cfg.fsdp) and cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps):
             log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
-            log(f"saved {save_checkpoint(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
+            log(f"saved {save(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
 
-    save_checkpoint(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
+    save(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
+    final_model = fsdp.gathered(model, optimizer)[0] if cfg.fsdp else model  # every rank takes part in the gather
     if master:
-        save_pretrained(model, final_dir, tok)
+        save_pretrained(final_model, final_dir, tok)
         log(f"saved {final_dir}")
     barrier()
     return final_dir
@@ -506,7 +523,11 @@ def main(argv):
     preset, flags = parse_args(argv)
     path = preset or os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "default.py")
     base, stages = load_preset(path)
-    if stages:
+    if flags.get("plan"):
+        cfg = Config(**{**base, **flags})
+        device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        plan.check(cfg, cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1)), device)
+    elif stages:
         run_pipeline(path, flags)
     else:
         train(Config(**{**base, **flags}))
