@@ -398,8 +398,9 @@ def train(cfg):
     if cfg.objective not in OBJECTIVES:
         raise SystemExit(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
-    if cfg.fsdp and world == 1:
-        raise SystemExit("--fsdp shards over the ranks of a torchrun launch; with one process, drop --fsdp")
+    if cfg.fsdp and world == 1:  # a preset's --fsdp, run in one process (a test, a stand-in model): nothing to shard
+        log("--fsdp: one process, nothing to shard; training unsharded")
+        cfg = replace(cfg, fsdp=False)
     plan.check(cfg, world, device, log)  # before any weights are read: stops here if the run cannot fit
     model, tok = build_model(cfg)
     model.checkpoint_blocks = cfg.activation_checkpointing
