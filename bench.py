@@ -5,7 +5,7 @@ Every number printed is a ratio against that baseline, so the machine's speed ca
     python bench.py model       # forward+backward and greedy decoding vs transformers
     python bench.py loss        # peak memory of the three log-prob paths
     python bench.py negatives   # autoregressive-negative throughput vs transformers' sampling
-    python bench.py train       # one CPO step (K = 12) vs one MLE step; the shared-prompt CPO step vs the naive one
+    python bench.py train       # one CPO step (K = 12) vs one MLE step; with activation checkpointing; the shared-prompt CPO step vs the naive one
 """
 import argparse
 import os
@@ -259,13 +259,15 @@ def bench_negatives(B=32, new_tokens=64, top_k=50):
 def _train_worker(mode, B=16):
     """One optimisation step in THIS process (forward, backward, AdamW) of the default CPU model on B
     synthetic examples: 'mle' on the B*K sequences of a CPO batch, or 'cpo' (MixNR, K = 12) with the
-    reference log-probs computed in the step or already cached. Prints 'peak_MB seconds'."""
+    reference log-probs computed in the step or already cached, or 'cpo_checkpointed' (cached, each block's
+    activations recomputed in the backward: train.py --activation_checkpointing). Prints 'peak_MB seconds'."""
     import data
     import train
     torch.manual_seed(0)
     cfg = train.Config(objective="mle" if mode == "mle" else "cpo", negatives="bn:3,mn:5,tn:3", ranked=True)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
+    policy.checkpoint_blocks = mode == "cpo_checkpointed"
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=B, seed=0)
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id,
                        ref_cache=None if mode == "cpo_computed" else {})
@@ -284,21 +286,22 @@ def _train_worker(mode, B=16):
         optimizer.zero_grad(set_to_none=True)
 
     base = _reset_peak_rss()  # before any forward pass: later steps reuse memory the first one made resident
-    if mode == "cpo_cached":  # the negatives are fixed, so a run scores each sequence under pi_ref once
+    if mode in ("cpo_cached", "cpo_checkpointed"):  # the negatives are fixed, so a run scores each sequence under pi_ref once
         train.reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast)
     secs = timeit(step, warmup=1, repeat=3)
     print(f"{_rss_mb('VmHWM') - base:.1f} {secs:.3f}")
 
 
 def bench_train():
-    """A CPO step (K = 12, MixNR) with the reference's log-probs cached or computed, against an MLE step
-    on the same B*K sequences: time and peak memory, each in a fresh process."""
+    """A CPO step (K = 12, MixNR) with the reference's log-probs cached or computed, and with activation
+    checkpointing, against an MLE step on the same B*K sequences: time and peak memory, each in a fresh process."""
     here = os.path.dirname(os.path.abspath(__file__))
     print("one step (forward, backward, AdamW) of the default CPU model (4 x 128, byte vocabulary), 16 synthetic")
     print("examples x K = 12 sequences, float32; peak = growth of resident memory from before the first step")
     print(f"{'step':42s} {'time s':>7s} {'vs MLE':>7s} {'peak MB':>8s} {'vs MLE':>7s}")
     rows = [("mle", "MLE on the same 192 sequences"), ("cpo_cached", "CPO, reference log-probs cached"),
-            ("cpo_computed", "CPO, reference log-probs computed")]
+            ("cpo_computed", "CPO, reference log-probs computed"),
+            ("cpo_checkpointed", "CPO, cached, activation checkpointing")]
     mle = None
     for key, name in rows:
         cmd = [sys.executable, "-c", f"import bench; bench._train_worker({key!r})"]

@@ -95,7 +95,8 @@ def validate_config(cfg):
 # step computes. Anything else (objective, negatives, seed, batch sizes, lr, schedule, model, data) would
 # silently turn the rest of the run into a different experiment.
 SAFE_TO_CHANGE = {"steps", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "out_dir", "resume",
-                  "n_val", "device", "compile"}
+                  "n_val", "device", "compile", "activation_checkpointing", "shared_prompt", "plan", "plan_world_size",
+                  "plan_gpu_gb"}  # the last five change memory or speed, not the math
 
 
 def config_differences(old, new, step):
@@ -124,7 +125,7 @@ def load_file(path):
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def resume_newest(cfg, model, optimizer, rank, log=print):
+def resume_newest(cfg, model, optimizer, rank, log=print, restore=None):
     """--resume: restore the newest checkpoint in cfg.out_dir that loads (a bad one is named, and the one
     before it tried) after checking that cfg changes nothing but SAFE_TO_CHANGE -> (step, ref_cache), or
     (0, {}) when there is none. SystemExit listing the differences, or every bad file when none loads."""
@@ -138,7 +139,7 @@ def resume_newest(cfg, model, optimizer, rank, log=print):
                                  f"would change the run's math:\n  " + "\n  ".join(diffs) +
                                  f"\nOnly {', '.join(sorted(SAFE_TO_CHANGE))} may change (use a new --out_dir "
                                  f"for a new run)")
-            step, ref_cache = restore_checkpoint(path, model, optimizer, rank)
+            step, ref_cache = (restore or restore_checkpoint)(path, model, optimizer, rank)  # fsdp.restore under --fsdp
             loaded = True
         except ValueError as e:
             log(f"{path} is damaged ({e}); trying the checkpoint before it")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -235,11 +236,18 @@ class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = cfg = config
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.model_type == "gpt2" else None
+        # on the meta device (hf.load, plan.py) nn.Embedding's own N(0, 1) init costs seconds (it imports
+        # torch._dynamo) for nothing: give it an empty weight there; elsewhere it runs as always (same RNG draws)
+        empty = (lambda *shape: torch.empty(shape)) if torch.empty(0).is_meta else (lambda *shape: None)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=empty(cfg.vocab_size, cfg.n_embd))
+        self.pos_emb = (nn.Embedding(cfg.max_seq_len, cfg.n_embd, _weight=empty(cfg.max_seq_len, cfg.n_embd))
+                        if cfg.model_type == "gpt2" else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # train.py --activation_checkpointing: keep only each block's input for the backward and recompute
+        # the rest there (about one more forward of time for a block's worth of activations instead of L)
+        self.checkpoint_blocks = False
         self.init_weights()
         self.tie_weights()
         # load_state_dict(assign=True) swaps parameters in one by one, which unties them: re-tie afterwards
@@ -308,7 +316,10 @@ class Transformer(nn.Module):
         else:
             rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache[i] if cache else None, start)
+            if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)   # (B, T, C), recomputed in backward
+            else:
+                x = block(x, rope, mask, cache[i] if cache else None, start)
         return self.norm_f(x)
 
     def _check_length(self, T):  # past the position table, nn.Embedding's IndexError says nothing useful

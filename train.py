@@ -43,8 +43,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cpo
 import data
 import evaluate
+import fsdp
 import negatives
-from checkpoint import SAFE_TO_CHANGE, barrier, checkpoints, resume_newest, save_checkpoint, validate_config
+import plan
+from checkpoint import (SAFE_TO_CHANGE, barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint,
+                        validate_config)
 from common import write_atomic
 from hf import load, save_pretrained
 from model import ModelConfig, Transformer
@@ -96,6 +99,11 @@ class Config:
     ref_dtype: str = opt("float32", "pi_ref's weights: float32 | bfloat16 (CUDA only: half pi_ref's memory, but log pi_ref then comes from bf16-rounded weights, ~3 significant digits per weight, an error of order 1e-2 or more in a sequence's summed log-prob)")
     save_dtype: str = opt("auto", "final/'s weights: auto (the starting checkpoint's dtype; float32 from scratch) | float32 | bfloat16 | float16. ckpt-N/ is always float32 (exact resume)")
     compile: bool = opt(False, "torch.compile the model")
+    fsdp: bool = opt(False, "shard weights, gradients, AdamW state and pi_ref over the ranks (FSDP2, fsdp.py) instead of DDP")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward: less memory, ~1 more forward")
+    plan: bool = opt(False, "print the memory plan (plan.py) for this run and exit, reading no weights")
+    plan_world_size: int = opt(0, "--plan: the number of GPUs to plan for (0: this launch's world size)")
+    plan_gpu_gb: float = opt(0.0, "GiB per GPU to plan for (0: the GPU's free memory, or 80 without a GPU)")
     seed: int = opt(0, "seed of data order, negatives and initialisation")
     # output
     out_dir: str = opt("out/run", "checkpoints, logs and the final model go here")
@@ -448,7 +456,7 @@ def train_step(cfg, policy, ref, micro, rt, step, units, world):
     sums, tokens, zero = torch.zeros(3, device=device), 0, torch.zeros((), device=device)
     for m, examples in enumerate(micro):
         # DDP all-reduces the gradients on the last micro-step only, and must know it before the forward
-        with (policy.no_sync() if world > 1 and m < accum - 1 else nullcontext()), rt.autocast:
+        with fsdp.grad_sync(policy, m == accum - 1), rt.autocast:
             loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, rt, (step, rank * accum + m))
         (loss_sum * world / units).backward()  # DDP averages over ranks: this makes it the global batch's mean
         sums += torch.stack([loss_sum.detach().float(), len(examples) * metrics.get("reward_accuracy", zero),
@@ -470,7 +478,12 @@ def train(cfg):
     if cfg.objective not in OBJECTIVES:
         raise SystemExit(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
+    if cfg.fsdp and world == 1:  # a preset's --fsdp, run in one process (a test, a stand-in model): nothing to shard
+        log("--fsdp: one process, nothing to shard; training unsharded")
+        cfg = replace(cfg, fsdp=False)
+    plan.check(cfg, world, device, log)  # before any weights are read: stops here if the run cannot fit
     model, tok, start_dtype = starting_model(cfg)
+    model.checkpoint_blocks = cfg.activation_checkpointing
     ref_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" and device.type == "cuda" else torch.float32
     ref = frozen_copy(model, ref_dtype) if cfg.objective in ("cpo", "dpo") else None
     train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed,
@@ -485,6 +498,11 @@ def train(cfg):
     model.to(device)
     if ref is not None:
         ref.to(device)
+    if cfg.fsdp:  # before the optimizer, which must see the sharded parameters
+        fsdp.shard(model, device)
+        if ref is not None:
+            fsdp.shard(ref, device)
+    save, restore = (fsdp.save, fsdp.restore) if cfg.fsdp else (save_checkpoint, restore_checkpoint)
     optimizer = make_optimizer(model, cfg, device)
     rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=cfg.shared_prompt,
                  an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
@@ -492,7 +510,7 @@ def train(cfg):
 
     start = 0
     if cfg.resume and checkpoints(cfg.out_dir):
-        start, rt.ref_cache = resume_newest(cfg, model, optimizer, rank, log)
+        start, rt.ref_cache = resume_newest(cfg, model, optimizer, rank, log, restore)
         log(f"resumed from {cfg.out_dir} at step {start}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -503,7 +521,7 @@ def train(cfg):
     if ref is not None:
         log("reference log-probs: computed once per distinct sequence and cached (negatives are fixed per seed and example)")
 
-    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not cfg.fsdp else model
     if cfg.compile:
         policy = torch.compile(policy)
     fpt, peak = flops_per_token(model), peak_flops(device)
@@ -542,15 +560,16 @@ def train(cfg):
             extra = f" | acc {sums[1] / cfg.batch_size:.2f} margin {sums[2] / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
             mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
             log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
-        if master and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
+        if (master or cfg.fsdp) and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
             log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
-            log(f"saved {save_checkpoint(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
+            log(f"saved {save(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
 
-    save_checkpoint(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
+    save(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
+    final_model = fsdp.gathered(model, optimizer)[0] if cfg.fsdp else model  # every rank takes part in the gather
     if master:
         save_dtype = start_dtype if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
-        save_pretrained(model.to(save_dtype), final_dir, tok)  # the last use of the model: cast in place
+        save_pretrained(final_model.to(save_dtype), final_dir, tok)  # the last use of the model: cast in place
         write_atomic(os.path.join(final_dir, "nanocpo.json"), json.dumps({"max_len": cfg.max_len}))
         log(f"saved {final_dir} ({str(save_dtype).removeprefix('torch.')})")
     barrier()
@@ -595,7 +614,11 @@ def main(argv):
     preset, flags = parse_args(argv)
     path = preset or os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "default.py")
     base, stages = load_preset(path)
-    if preset is None and flags:  # flags alone: exactly one run, never the default's stages (see ONE_RUN)
+    if flags.get("plan"):
+        cfg = Config(**{**base, **flags})
+        device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        plan.check(cfg, cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1)), device)
+    elif preset is None and flags:  # flags alone: exactly one run, never the default's stages (see ONE_RUN)
         train(Config(**flags))
     elif stages:
         run_pipeline(path, flags)
