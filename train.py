@@ -21,14 +21,11 @@ One CPO step, top to bottom, each function calling the next:
   cpo.cpo_loss                        eq. (1), or eq. (2) with --ranked
 then train() clips the gradient norm and steps AdamW.
 """
-import argparse
 import copy
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import runpy
 import sys
 import time
 from contextlib import nullcontext
@@ -46,121 +43,12 @@ import evaluate
 import fsdp
 import negatives
 import plan
-from checkpoint import (SAFE_TO_CHANGE, barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint,
-                        validate_config)
+from checkpoint import barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint, validate_config
 from common import write_atomic
 from hf import load, save_pretrained
+from settings import Config, load_preset, parse_args
 from model import ModelConfig, Transformer
 from tokenizer import byte_tokenizer
-
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class Config:
-    # model and data
-    init_from: str = opt("scratch", "starting weights: an HF folder, a hub name, or 'scratch' (a new GPT-2 with the byte tokenizer)")
-    n_layer: int = opt(4, "scratch model: layers")
-    n_head: int = opt(4, "scratch model: attention heads")
-    n_embd: int = opt(128, "scratch model: width")
-    task: str = opt("synthetic", "synthetic | dolly | dolly:<path-or-url> | wiki:<path-or-url> | jsonl:<path-or-url>")
-    max_len: int = opt(64, "tokens per sequence, prompt + continuation (longer prompts are cut from the left)")
-    n_train: int = opt(0, "training examples to use (0: all; the synthetic task generates this many, default 20000)")
-    n_val: int = opt(128, "held-out examples for the held-out loss and the final evaluation")
-    val_fraction: float = opt(0.0, "jsonl: tasks: the fraction of your rows held out (0: train on every row, no held-out loss; dolly and wiki keep the paper's split)")
-    val_task: str = opt("", "held-out examples from this task instead of --task's test split (a jsonl: file: all its rows)")
-    # objective
-    objective: str = opt("mle", "mle | cpo | dpo | pss")
-    negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
-    mn_model: str = opt("policy", "cpo: MN samples from 'policy' (pi_theta, as the paper's §3: the current weights, no grad; its samples change every step, so their log pi_ref is computed every step, never cached) or 'ref' (pi_ref: fixed samples per seed and example, scored once and cached; not the paper's)")
-    ranked: bool = opt(False, "cpo: the ranked loss, eq. (2), ordering negatives by cosine similarity to the ground truth")
-    shared_prompt: bool = opt(True, "cpo/dpo: run each prompt once for its K continuations (false: the naive path, every sequence whole)")
-    beta: float = opt(5.0, "cpo/dpo: inverse temperature of the implicit reward")
-    mle_weight: float = opt(0.0, "cpo: alpha in alpha * L_MLE + L_CPO")
-    an_cache: str = opt("", "cpo: folder of autoregressive negatives written by `python negatives.py`")
-    dpo_rejected: str = opt("", "dpo: jsonl of {id, rejected} written by `python evaluate.py dpo-negatives`")
-    pss_samples: int = opt(3, "pss: sampled sequences per example")
-    pss_p: float = opt(0.5, "pss: probability of replacing each continuation token by a sample")
-    pss_warmup_steps: int = opt(0, "pss: steps over which p rises linearly from 0")
-    # optimisation
-    steps: int = opt(200, "optimisation steps")
-    batch_size: int = opt(64, "global batch in examples = micro_batch_size x accumulation x world size")
-    micro_batch_size: int = opt(8, "examples per forward pass on one rank")
-    lr: float = opt(1e-5, "peak learning rate")
-    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms)")
-    warmup_steps: int = opt(0, "linear warm-up steps")
-    schedule: str = opt("constant", "after warm-up: constant | cosine (down to 10%% of lr)")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
-    # system
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = opt("auto", "compute: auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16; the trained weights and AdamW's state are float32 always")
-    ref_dtype: str = opt("float32", "pi_ref's weights: float32 | bfloat16 (CUDA only: half pi_ref's memory, but log pi_ref then comes from bf16-rounded weights, ~3 significant digits per weight, an error of order 1e-2 or more in a sequence's summed log-prob)")
-    save_dtype: str = opt("auto", "final/'s weights: auto (the starting checkpoint's dtype; float32 from scratch) | float32 | bfloat16 | float16. ckpt-N/ is always float32 (exact resume)")
-    compile: bool = opt(False, "torch.compile the model")
-    fsdp: bool = opt(False, "shard weights, gradients, AdamW state and pi_ref over the ranks (FSDP2, fsdp.py) instead of DDP")
-    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward: less memory, ~1 more forward")
-    plan: bool = opt(False, "print the memory plan (plan.py) for this run and exit, reading no weights")
-    plan_world_size: int = opt(0, "--plan: the number of GPUs to plan for (0: this launch's world size)")
-    plan_gpu_gb: float = opt(0.0, "GiB per GPU to plan for (0: the GPU's free memory, or 80 without a GPU)")
-    seed: int = opt(0, "seed of data order, negatives and initialisation")
-    # output
-    out_dir: str = opt("out/run", "checkpoints, logs and the final model go here")
-    log_interval: int = opt(10, "steps between log lines")
-    eval_interval: int = opt(100, "steps between held-out losses (0: only at the end)")
-    ckpt_interval: int = opt(100, "steps between checkpoints (0: only at the end)")
-    keep_last: int = opt(2, "checkpoints kept")
-    resume: bool = opt(False, "continue from the newest checkpoint in out_dir that loads; refused if any setting "
-                              f"other than {', '.join(sorted(SAFE_TO_CHANGE))} differs from the checkpoint's "
-                              "(--steps may grow, not shrink below the checkpoint's step)")
-
-
-# ----------------------------------------------------------------------------- config
-
-def load_preset(path):
-    """A preset is a Python file defining `config = dict(...)`, and optionally `stages` (see default.py)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # presets import their shared settings (config/paper.py)
-    try:
-        ns = runpy.run_path(path)
-    finally:
-        sys.path.pop(0)
-    config, stages = ns.get("config", {}), ns.get("stages", {})
-    for name, overrides in [("config", config), *stages.items()]:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise SystemExit(f"{path}: {name}: unknown settings {sorted(unknown)}")
-    return config, stages
-
-
-def parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-ONE_RUN = """Which runs: bare `python train.py` runs the embedded default, config/default.py's stages (ref, mle,
-cpo) and a comparison table. Any flag without a preset makes exactly ONE run with these defaults and your
-flags, e.g. fine-tuning your own HF folder on your own prompt/response jsonl:
-    python train.py --init_from=FOLDER --task=jsonl:pairs.jsonl --objective=cpo --out_dir=out/mine
-A preset file runs its config (and its stages, if it has any: `python train.py config/default.py --steps=3`)."""
-
-
-def parse_args(argv):
-    """`train.py [preset.py] [--key=value ...]`: the preset overrides the defaults, flags override both."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ONE_RUN)
-    p.add_argument("preset", nargs="?", default=None, help="a config/*.py preset; with none, flags alone make ONE run "
-                   "(only a bare `python train.py` runs config/default.py's stages)")
-    for f in dataclasses.fields(Config):
-        kind = {bool: parse_bool, int: int, float: float, str: str}[f.type]
-        p.add_argument(f"--{f.name}", type=kind, default=None, metavar=kind.__name__.upper() if kind is not parse_bool else "BOOL",
-                       nargs="?" if kind is parse_bool else None, const=True if kind is parse_bool else None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
-    args = p.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
-    return args.preset, flags
 
 
 @dataclass
@@ -611,7 +499,7 @@ def run_pipeline(preset_path, flags):
 
 
 def main(argv):
-    preset, flags = parse_args(argv)
+    preset, flags = parse_args(argv, __doc__)
     path = preset or os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "default.py")
     base, stages = load_preset(path)
     if flags.get("plan"):

@@ -1,4 +1,5 @@
 """train.py: DDP equivalence, exact resume, the CPO gradient, NaN handling, and the embedded default."""
+import dataclasses
 import os
 import shutil
 import signal
@@ -173,7 +174,7 @@ def test_default_pipeline_prints_table(tmp_path):
 
 def test_help_lists_every_flag():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    for f in train.dataclasses.fields(train.Config):
+    for f in dataclasses.fields(train.Config):
         assert f"--{f.name}" in out.stdout
 
 
