@@ -366,9 +366,9 @@ def train(cfg):
     if cfg.objective not in OBJECTIVES:
         raise SystemExit(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
-    if cfg.fsdp and world == 1:  # a preset's --fsdp, run in one process (a test, a stand-in model): nothing to shard
+    shard = cfg.fsdp and world > 1  # a preset's --fsdp run in one process (a test, a stand-in model): nothing to shard
+    if cfg.fsdp and not shard:
         log("--fsdp: one process, nothing to shard; training unsharded")
-        cfg = replace(cfg, fsdp=False)
     plan.check(cfg, world, device, log)  # before any weights are read: stops here if the run cannot fit
     model, tok, start_dtype = starting_model(cfg)
     model.checkpoint_blocks = cfg.activation_checkpointing
@@ -386,11 +386,11 @@ def train(cfg):
     model.to(device)
     if ref is not None:
         ref.to(device)
-    if cfg.fsdp:  # before the optimizer, which must see the sharded parameters
+    if shard:  # before the optimizer, which must see the sharded parameters
         fsdp.shard(model, device)
         if ref is not None:
             fsdp.shard(ref, device)
-    save, restore = (fsdp.save, fsdp.restore) if cfg.fsdp else (save_checkpoint, restore_checkpoint)
+    save, restore = (fsdp.save, fsdp.restore) if shard else (save_checkpoint, restore_checkpoint)
     optimizer = make_optimizer(model, cfg, device)
     rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=cfg.shared_prompt,
                  an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
@@ -409,7 +409,7 @@ def train(cfg):
     if ref is not None:
         log("reference log-probs: computed once per distinct sequence and cached (negatives are fixed per seed and example)")
 
-    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not cfg.fsdp else model
+    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not shard else model
     if cfg.compile:
         policy = torch.compile(policy)
     fpt, peak = flops_per_token(model), peak_flops(device)
@@ -448,13 +448,13 @@ def train(cfg):
             extra = f" | acc {sums[1] / cfg.batch_size:.2f} margin {sums[2] / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
             mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
             log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
-        if (master or cfg.fsdp) and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
+        if (master or shard) and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
             log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
             log(f"saved {save(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
 
     save(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
-    final_model = fsdp.gathered(model, optimizer)[0] if cfg.fsdp else model  # every rank takes part in the gather
+    final_model = fsdp.gathered(model, optimizer)[0] if shard else model  # every rank takes part in the gather
     if master:
         save_dtype = start_dtype if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
         save_pretrained(final_model.to(save_dtype), final_dir, tok)  # the last use of the model: cast in place
