@@ -1,12 +1,11 @@
 """
-A training run's settings checked (validate_config, and what --resume may change), and its checkpoints, so
-that a killed run (train.py) resumes bit-exactly with --resume: the weights in HF format (hf.save_pretrained, so a checkpoint is also a model folder), the optimizer, the
-step (which fixes the data position, data.global_batch being a pure function of it), and every rank's RNG
+A training run's checkpoints, so that a killed run (train.py) resumes bit-exactly with --resume (refused when
+a setting that changes the math differs: settings.config_differences): the weights in HF format
+(hf.save_pretrained, so a checkpoint is also a model folder), the optimizer, the step (which fixes the data position, data.global_batch being a pure function of it), and every rank's RNG
 state and reference log-prob cache.
 
     out_dir/ckpt-0000100/  model/ (config.json, model.safetensors, tokenizer)  trainer.pt  rank0.pt  rank1.pt ...
 """
-import dataclasses
 import os
 import random
 import re
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from hf import load, save_pretrained
+from settings import SAFE_TO_CHANGE, config_differences
 
 
 def barrier():
@@ -64,53 +64,6 @@ def save_checkpoint(cfg, step, model, tok, optimizer, ref_cache, rank):
 
 
 # ----------------------------------------------------------------------------- settings
-CHOICES = {"schedule": ("constant", "cosine"), "dtype": ("auto", "float32", "bfloat16")}  # objective: train.OBJECTIVES
-AT_LEAST = {"n_layer": 1, "n_head": 1, "n_embd": 1, "max_len": 3, "n_train": 0, "n_val": 0, "pss_samples": 1,
-            "pss_warmup_steps": 0, "steps": 1, "batch_size": 1, "micro_batch_size": 1, "warmup_steps": 0,
-            "weight_decay": 0, "grad_clip": 0, "mle_weight": 0, "log_interval": 1, "eval_interval": 0,
-            "ckpt_interval": 0, "keep_last": 1, "pss_p": 0}
-ABOVE_ZERO = ("lr", "beta")
-
-
-def validate_config(cfg):
-    """SystemExit listing every bad setting (a wrong type, a value out of range, an unknown choice), so that
-    none is silently ignored or crashes deep inside the run."""
-    bad = [f"{f.name}={getattr(cfg, f.name)!r}: expected {f.type.__name__}" for f in dataclasses.fields(cfg)
-           if f.type in (bool, int, float, str) and not (type(getattr(cfg, f.name)) is f.type
-                                                         or f.type is float and type(getattr(cfg, f.name)) is int)]
-    if bad:
-        raise SystemExit("bad settings:\n  " + "\n  ".join(bad))
-    bad += [f"--{k}={getattr(cfg, k)!r}: choose from {' | '.join(c)}" for k, c in CHOICES.items() if getattr(cfg, k) not in c]
-    bad += [f"--{k}={getattr(cfg, k)}: must be >= {lo}" for k, lo in AT_LEAST.items() if not getattr(cfg, k) >= lo]
-    bad += [f"--{k}={getattr(cfg, k)}: must be > 0" for k in ABOVE_ZERO if not getattr(cfg, k) > 0]
-    if cfg.pss_p > 1:
-        bad.append(f"--pss_p={cfg.pss_p}: a probability, must be <= 1")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        bad.append(f"--device={cfg.device!r}: choose from auto | cpu | cuda | cuda:N")
-    if bad:
-        raise SystemExit("bad settings:\n  " + "\n  ".join(bad))
-
-
-# Settings a resumed run may change: they decide how long it runs, what it prints and where, never what a
-# step computes. Anything else (objective, negatives, seed, batch sizes, lr, schedule, model, data) would
-# silently turn the rest of the run into a different experiment.
-SAFE_TO_CHANGE = {"steps", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "out_dir", "resume",
-                  "n_val", "device", "compile", "activation_checkpointing", "shared_prompt", "plan", "plan_world_size",
-                  "plan_gpu_gb"}  # the last five change memory or speed, not the math
-
-
-def config_differences(old, new, step):
-    """What --resume refuses: a list of 'key: old -> new' lines (empty: fine). old is the checkpoint's config
-    (a dict), new the current one, step the checkpoint's. Keys only one side knows are not compared."""
-    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
-             if old[k] != new[k] and k not in SAFE_TO_CHANGE]
-    if new.get("steps", step) < step:
-        diffs.append(f"steps: {new['steps']} is below the checkpoint's step {step}")
-    elif old.get("schedule") == "cosine" and old.get("steps") != new.get("steps"):  # the cosine spans all steps
-        diffs.append(f"steps: {old.get('steps')} -> {new.get('steps')} (the cosine schedule's length)")
-    return diffs
-
-
 def checkpoint_config(path):
     """(step, config dict) saved in a checkpoint's trainer.pt; ValueError naming the file if it won't load."""
     trainer = load_file(os.path.join(path, "trainer.pt"))

@@ -1,16 +1,23 @@
 """
 A run's settings: the Config dataclass (every field a flag, with its help text), presets (config/*.py files
-that set some fields), and the command line that puts them together: defaults < preset < --key=value flags.
+that set some fields), the command line that puts them together (defaults < preset < --key=value flags), and
+their checks: validate_config, and what --resume may change (SAFE_TO_CHANGE, config_differences).
 train.py reads it; `python train.py --help` prints it.
 """
 import argparse
 import dataclasses
 import os
+import re
 import runpy
 import sys
 from dataclasses import dataclass, field
 
-from checkpoint import SAFE_TO_CHANGE
+# Settings a resumed run may change: they decide how long it runs, what it prints and where, never what a
+# step computes. Anything else (objective, negatives, seed, batch sizes, lr, schedule, model, data) would
+# silently turn the rest of the run into a different experiment.
+SAFE_TO_CHANGE = {"steps", "log_interval", "eval_interval", "ckpt_interval", "keep_last", "out_dir", "resume",
+                  "n_val", "device", "compile", "activation_checkpointing", "shared_prompt", "plan", "plan_world_size",
+                  "plan_gpu_gb"}  # the last five change memory or speed, not the math
 
 
 def opt(default, help):
@@ -120,3 +127,45 @@ def parse_args(argv, description=None):
     args = p.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
     return args.preset, flags
+
+
+# ----------------------------------------------------------------------------- checks
+
+CHOICES = {"schedule": ("constant", "cosine"), "dtype": ("auto", "float32", "bfloat16"), "mn_model": ("policy", "ref"),
+           "ref_dtype": ("float32", "bfloat16"), "save_dtype": ("auto", "float32", "bfloat16", "float16")}  # objective: train.OBJECTIVES
+AT_LEAST = {"n_layer": 1, "n_head": 1, "n_embd": 1, "max_len": 3, "n_train": 0, "n_val": 0, "pss_samples": 1,
+            "pss_warmup_steps": 0, "steps": 1, "batch_size": 1, "micro_batch_size": 1, "warmup_steps": 0,
+            "weight_decay": 0, "grad_clip": 0, "mle_weight": 0, "log_interval": 1, "eval_interval": 0,
+            "ckpt_interval": 0, "keep_last": 1, "pss_p": 0}
+ABOVE_ZERO = ("lr", "beta")
+
+
+def validate_config(cfg):
+    """SystemExit listing every bad setting (a wrong type, a value out of range, an unknown choice), so that
+    none is silently ignored or crashes deep inside the run."""
+    bad = [f"{f.name}={getattr(cfg, f.name)!r}: expected {f.type.__name__}" for f in dataclasses.fields(cfg)
+           if f.type in (bool, int, float, str) and not (type(getattr(cfg, f.name)) is f.type
+                                                         or f.type is float and type(getattr(cfg, f.name)) is int)]
+    if bad:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(bad))
+    bad += [f"--{k}={getattr(cfg, k)!r}: choose from {' | '.join(c)}" for k, c in CHOICES.items() if getattr(cfg, k) not in c]
+    bad += [f"--{k}={getattr(cfg, k)}: must be >= {lo}" for k, lo in AT_LEAST.items() if not getattr(cfg, k) >= lo]
+    bad += [f"--{k}={getattr(cfg, k)}: must be > 0" for k in ABOVE_ZERO if not getattr(cfg, k) > 0]
+    if cfg.pss_p > 1:
+        bad.append(f"--pss_p={cfg.pss_p}: a probability, must be <= 1")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        bad.append(f"--device={cfg.device!r}: choose from auto | cpu | cuda | cuda:N")
+    if bad:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(bad))
+
+
+def config_differences(old, new, step):
+    """What --resume refuses: a list of 'key: old -> new' lines (empty: fine). old is the checkpoint's config
+    (a dict), new the current one, step the checkpoint's. Keys only one side knows are not compared."""
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+             if old[k] != new[k] and k not in SAFE_TO_CHANGE]
+    if new.get("steps", step) < step:
+        diffs.append(f"steps: {new['steps']} is below the checkpoint's step {step}")
+    elif old.get("schedule") == "cosine" and old.get("steps") != new.get("steps"):  # the cosine spans all steps
+        diffs.append(f"steps: {old.get('steps')} -> {new.get('steps')} (the cosine schedule's length)")
+    return diffs

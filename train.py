@@ -43,10 +43,10 @@ import evaluate
 import fsdp
 import negatives
 import plan
-from checkpoint import barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint, validate_config
+from checkpoint import barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint
 from common import write_atomic
 from hf import load, save_pretrained
-from settings import Config, load_preset, parse_args
+from settings import Config, load_preset, parse_args, validate_config
 from model import ModelConfig, Transformer
 from tokenizer import byte_tokenizer
 
