@@ -22,6 +22,7 @@ One CPO step, top to bottom, each function calling the next:
 then train() clips the gradient norm and steps AdamW.
 """
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -513,6 +514,9 @@ def main(argv):
     else:
         train(Config(**{**base, **flags}))
     if dist.is_initialized():
+        # FSDP's hooks tie the sharded modules in reference cycles that only the garbage collector frees: free
+        # them while their process group still exists (freed at interpreter exit, gloo ranks sometimes abort)
+        gc.collect()
         dist.destroy_process_group()
 
 
