@@ -157,7 +157,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, mask, chunk_size, inplace_backward):
         labels = _check_labels(labels, mask, logits.shape[-1])
-        (N, T, V), c = logits.shape, chunk_size
+        (N, T, _), c = logits.shape, chunk_size
         tok = logits.new_empty(N, T, dtype=_acc(logits.dtype))  # (N, T) token log-probs
         for n in range(N):
             for t in range(0, T, c):
@@ -169,7 +169,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N,)
         logits, labels, mask = ctx.saved_tensors
-        (N, T, V), c = logits.shape, ctx.chunk_size
+        (N, T, _), c = logits.shape, ctx.chunk_size
         w = torch.where(mask, grad_out[:, None], 0)  # (N, T): unscored positions get zero gradient
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)  # every position is written
         for n in range(N):

@@ -2,7 +2,6 @@
 activation formula against the tensors the forward really saves (CPU) and against CUDA's peak (skips
 without CUDA), and a run that cannot fit stopping with the flag that would make it fit."""
 import glob
-import json
 import os
 import time
 

@@ -1,8 +1,6 @@
 """The shared-prompt forward (each prompt run once for its K continuations) against the naive path, where every
 prompt + continuation runs whole: the same log-probs, the same CPO gradients, the same reference cache, and
 DDP. Tiny random models with fixed seeds; ragged prompts and ragged continuations."""
-import os
-from dataclasses import replace
 
 import pytest
 import torch

@@ -1,18 +1,15 @@
 """train.py: DDP equivalence, exact resume, the CPO gradient, NaN handling, and the embedded default."""
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
 import torch
 
 import checkpoint
-import cpo
 import data
 import hf
 import negatives
