@@ -133,13 +133,17 @@ def sequence_logps(model, ids, mask):
     return cpo.sequence_logprobs_from_hidden(hidden, unwrap(model).lm_head.weight, ids[:, 1:], mask[:, 1:])
 
 
-def shared_prompt_logps(model, ids, mask):
+def shared_prompt_logps(model, ids, mask, device=None):
     """sequence_logps of (B, K, T) sequences -> (B, K), each prompt run once for its K continuations
-    (model.Transformer.forward_shared_prompt): the same numbers, a prompt's cost paid once instead of K times."""
+    (model.Transformer.forward_shared_prompt): the same numbers, a prompt's cost paid once instead of K times.
+    Give ids and mask on the CPU, where splitting them off their prompts (shape checks, lengths) makes the
+    device wait for nothing; the pieces then go to `device` (default: ids' own)."""
     B, K, T = ids.shape
+    device = ids.device if device is None else device
     prompt, prompt_mask, cont, cont_mask, n_prompt = negatives.split_prompts(ids, mask)
     if int(n_prompt.min()) == 0:  # nothing predicts a first token without a prompt; the naive path skips it
-        return sequence_logps(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
+        return sequence_logps(model, ids.flatten(0, 1).to(device), mask.flatten(0, 1).to(device)).view(B, K)
+    prompt, prompt_mask, cont, cont_mask = (x.to(device) for x in (prompt, prompt_mask, cont, cont_mask))
     unwrap(model)._check_length(T - 1)  # the naive path's rows; past them forward_shared_prompt sees only padding
     h_p, h_c = model(prompt, return_hidden=True, attention_mask=prompt_mask, continuations=cont)  # (B, P, C), (B, K, S, C)
     # the prompt's last hidden state predicts each continuation's first token, h_c[:, :, s] the token s + 1
@@ -163,10 +167,14 @@ def reference_logps(ref, ids, mask, cache, device, autocast, cacheable=None):
     with any sequence not cached is scored whole; the keys are the same sequence hashes either way. Sequences
     whose cacheable (ids' shape without T) is False are scored afresh and never stored (MN from the policy:
     new every step, they would only grow the cache)."""
-    score = shared_prompt_logps if ids.dim() == 3 else sequence_logps
+    def score(rows):  # log pi_ref of ids[rows], on the device
+        if ids.dim() == 3:
+            return shared_prompt_logps(ref, ids[rows], mask[rows], device)
+        return sequence_logps(ref, ids[rows].to(device), mask[rows].to(device))
+
     if cache is None:
         with autocast:
-            return score(ref, ids.to(device), mask.to(device)).float()
+            return score(slice(None)).float()
     keys = sequence_keys(ids.flatten(0, -2), mask.flatten(0, -2))
     K = len(keys) // len(ids)  # sequences per row of ids: 1, or a group's K
     fresh = [False] * len(keys) if cacheable is None else (~cacheable.flatten().bool()).tolist()
@@ -175,7 +183,7 @@ def reference_logps(ref, ids, mask, cache, device, autocast, cacheable=None):
     scored = {}
     if missing:
         with autocast:
-            scores = score(ref, ids[missing].to(device), mask[missing].to(device)).float().flatten().tolist()
+            scores = score(missing).float().flatten().tolist()
         scored = dict(zip([i * K + j for i in missing for j in range(K)], scores))
         cache.update((keys[j], s) for j, s in scored.items() if stale[j] and not fresh[j])
     logps = [scored[j] if stale[j] else cache[k] for j, k in enumerate(keys)]
@@ -198,7 +206,7 @@ def score_sequences(policy, ref, ids, mask, rt, cacheable=None):
     run once); cacheable (B, K): see reference_logps."""
     B, K, T = ids.shape
     if rt.shared_prompt:
-        policy_logps = shared_prompt_logps(policy, ids.to(rt.device), mask.to(rt.device))
+        policy_logps = shared_prompt_logps(policy, ids, mask, rt.device)
         ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast, cacheable)
     else:
         ids, mask = ids.view(B * K, T), mask.view(B * K, T)
