@@ -280,6 +280,22 @@ SYNTHETIC_OPS = {
 }
 SYNTHETIC_WORD_LEN = (3, 10)  # inclusive
 SYNTHETIC_MAX_NEW_TOKENS = 2 * SYNTHETIC_WORD_LEN[1] + 1  # the longest answer ("dup") and its EOS
+# "synthetic:long": the same operations on words of 20-40 letters, answers of ~16-80 letters (dup: 40-80),
+# where one wrong or missing letter shifts everything after it: more room for exposure bias (README, H4).
+SYNTHETIC_LONG_WORD_LEN = (20, 40)
+
+
+def synthetic_word_len(task):
+    """"synthetic" -> SYNTHETIC_WORD_LEN, "synthetic:long" -> SYNTHETIC_LONG_WORD_LEN."""
+    variants = {"synthetic": SYNTHETIC_WORD_LEN, "synthetic:long": SYNTHETIC_LONG_WORD_LEN}
+    if task not in variants:
+        raise ValueError(f"unknown synthetic task {task!r}: use synthetic or synthetic:long")
+    return variants[task]
+
+
+def synthetic_max_new_tokens(task):
+    """The longest answer of a synthetic task ("dup" of its longest word) and its EOS."""
+    return 2 * synthetic_word_len(task)[1] + 1
 
 
 def is_test_word(word):
@@ -287,32 +303,36 @@ def is_test_word(word):
     return hashlib.sha256(word.encode()).digest()[0] < 26  # 26 / 256 ~ 10%
 
 
-def synthetic_pairs(n, seed=0, split="train"):
-    """n (prompt, response) pairs, a pure function of (n, seed, split); the first m of n are those of m.
-    Train and test are disjoint by construction (is_test_word), whatever their seeds and sizes."""
-    if split not in ("train", "test"):
-        raise ValueError(f"synthetic split must be 'train' or 'test', got {split!r}")
+def synthetic_pairs(n, seed=0, split="train", word_len=SYNTHETIC_WORD_LEN):
+    """n (prompt, response) pairs, a pure function of (n, seed, split, word_len); the first m of n are those
+    of m. Train and test are disjoint by construction (is_test_word), whatever their seeds and sizes. "val"
+    draws from the test words with a stream of its own: held out from training like test, for choosing
+    settings without looking at the test prompts (a val prompt can repeat a test prompt only by chance:
+    a short word drawn by both)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"synthetic split must be 'train', 'val' or 'test', got {split!r}")
     # a str seed is hashed with sha512 and random() is the one output Python promises never to change
-    rng = random.Random(f"nanocpo-synthetic/{split}/{seed}")
-    lo, hi = SYNTHETIC_WORD_LEN
+    stream = f"nanocpo-synthetic/{split}/{seed}" if word_len == SYNTHETIC_WORD_LEN else f"nanocpo-synthetic/{split}/{seed}/{word_len}"
+    rng = random.Random(stream)
+    lo, hi = word_len
     ops, pairs = list(SYNTHETIC_OPS), []
     while len(pairs) < n:
         word = "".join(chr(97 + int(rng.random() * 26)) for _ in range(lo + int(rng.random() * (hi - lo + 1))))
         op = ops[int(rng.random() * len(ops))]
         answer = SYNTHETIC_OPS[op](word)
-        if answer and is_test_word(word) == (split == "test"):  # "cons" of "aeiou" would be empty
+        if answer and is_test_word(word) == (split != "train"):  # "cons" of "aeiou" would be empty
             pairs.append((f"{op} {word}=", answer))
     return pairs
 
 
-def synthetic_examples(n, seed, tokenizer, max_len, split="train"):
-    """synthetic_pairs as Examples, id "synthetic/<split>/<seed>/<i>" (stable: usable as a cache key)."""
+def synthetic_examples(n, seed, tokenizer, max_len, split="train", task="synthetic"):
+    """synthetic_pairs as Examples, id "<task>/<split>/<seed>/<i>" (stable: usable as a cache key)."""
     stats, examples = Counter(), []
-    for i, (prompt, response) in enumerate(synthetic_pairs(n, seed, split)):
-        ex = encode_example(f"synthetic/{split}/{seed}/{i}", prompt, response, tokenizer, max_len, stats)
+    for i, (prompt, response) in enumerate(synthetic_pairs(n, seed, split, synthetic_word_len(task))):
+        ex = encode_example(f"{task}/{split}/{seed}/{i}", prompt, response, tokenizer, max_len, stats)
         if ex:
             examples.append(ex)
-    report(f"synthetic/{split}", examples, stats)
+    report(f"{task}/{split}", examples, stats)
     return examples
 
 
@@ -360,15 +380,15 @@ def score_synthetic(gen_ids, ref_ids, eos_id):
 # ----------------------------------------------------------------------------- one entry point, one batch
 
 def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None, val_fraction=0.0):
-    """name: "synthetic" | "dolly" | "dolly:<path-or-url>" | "wiki:<path-or-url>" | "jsonl:<path-or-url>".
-    split: "train" | "test" ("all" too for files). n: the first n examples of the split (synthetic
-    default: 20000 train, 500 test); seed: the synthetic task's. The paper's split applies to dolly
+    """name: "synthetic" | "synthetic:long" | "dolly" | "dolly:<path-or-url>" | "wiki:<path-or-url>" | "jsonl:<path-or-url>".
+    split: "train" | "test" ("all" too for files, "val" for synthetic). n: the first n examples of the split
+    (synthetic default: 20000 train, 500 test or val); seed: the synthetic task's. The paper's split applies to dolly
     (the Dolly dataset, from the hub or a copy of it given by path) and wiki; a jsonl: file trains on
     all its rows unless val_fraction holds some out."""
     kind, _, source = name.partition(":")
     if kind == "synthetic":
         n_default = 20000 if split == "train" else 500
-        return synthetic_examples(n if n is not None else n_default, seed, tokenizer, max_len, split)
+        return synthetic_examples(n if n is not None else n_default, seed, tokenizer, max_len, split, task=name)
     if kind == "dolly":
         examples = load_dolly(source or DOLLY_URL, tokenizer, split, max_len, cache_dir)
     elif kind in ("wiki", "jsonl") and source:
@@ -377,7 +397,7 @@ def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None, v
         else:
             examples = load_jsonl(source, tokenizer, max_len, split=split, cache_dir=cache_dir, val_fraction=val_fraction)
     else:
-        raise ValueError(f"unknown task {name!r}: use synthetic, dolly[:src], wiki:<src> or jsonl:<src>")
+        raise ValueError(f"unknown task {name!r}: use synthetic[:long], dolly[:src], wiki:<src> or jsonl:<src>")
     return examples[:n] if n is not None else examples
 
 

@@ -106,9 +106,9 @@ def task_scores(model, tok, examples, task, batch_size=32, max_new_tokens=None):
     synthetic: data.score_synthetic's exact metrics; other tasks: the share that stopped and their
     mean length in new tokens (quality there needs the judge or MAUVE)."""
     if max_new_tokens is None:
-        max_new_tokens = data.SYNTHETIC_MAX_NEW_TOKENS if task == "synthetic" else 256
+        max_new_tokens = data.synthetic_max_new_tokens(task) if task.startswith("synthetic") else 256
     gens = greedy_continuations(model, tok, examples, max_new_tokens, batch_size)
-    if task == "synthetic":
+    if task.startswith("synthetic"):
         return data.score_synthetic(gens, [e.continuation_ids for e in examples], tok.eos_id)
     lengths = [len(cut_at_eos(g, tok.eos_id)) for g in gens]
     return {"stopped": sum(tok.eos_id in g for g in gens) / len(gens), "mean_new_tokens": sum(lengths) / len(lengths)}

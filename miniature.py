@@ -38,7 +38,8 @@ import tokenizer
 import train
 from common import log, write_atomic, write_jsonl_atomic
 
-METRICS = ("exact_match", "correct_stop", "token_accuracy", "mauve")
+METRICS = ("exact_match", "correct_stop", "token_accuracy", "mauve", "sampled_exact_match")
+SAMPLED = dict(evaluate.GREEDY, temperature=1.0, top_k=50)  # the paper's decoding for generation: top-k 50
 
 
 def miniature_settings(path, scale):
@@ -55,23 +56,30 @@ def miniature_settings(path, scale):
 
 
 # ----------------------------------------------------------------------------- one run: train or ensemble, then score
-def miniature_examples(base, seed, n_eval):
-    """The held-out prompts every model of a seed is scored on (the first n_eval test examples)."""
-    return data.load_task(base["task"], "test", tokenizer.byte_tokenizer(), base["max_len"], n=n_eval, seed=seed)
+def miniature_examples(base, seed, n_eval, split="test"):
+    """The held-out prompts every model of a seed is scored on: the first n_eval of the split (test; or val,
+    for choosing settings without looking at the test prompts)."""
+    return data.load_task(base["task"], split, tokenizer.byte_tokenizer(), base["max_len"], n=n_eval, seed=seed)
 
 
-def miniature_score(model_dir, ref_dir, examples, out_path):
+def miniature_score(model_dir, ref_dir, examples, out_path, task="synthetic", seed=0):
     """Greedy decoding on the held-out prompts -> the exact metrics (data.score_synthetic) and MAUVE between
     the generated and the ground-truth continuations, featurized (prompt + continuation, the last token's
-    final hidden state) by the seed's reference model: the cheap stand-in for gpt2-large's features.
+    final hidden state) by the seed's reference model: the cheap stand-in for gpt2-large's features. And
+    the exact metrics of one top-k 50 sample per prompt (sampled_*: what greedy decoding may hide).
     out_path (beside the model, never inside it: interpolate copies a model folder's files) caches the result."""
     if os.path.isfile(out_path):
         with open(out_path) as f:
             return json.load(f)
     net, tok = hf.load(model_dir)
     net.eval()
-    gens = evaluate.greedy_continuations(net, tok, examples, data.SYNTHETIC_MAX_NEW_TOKENS, batch_size=64)
-    scores = data.score_synthetic(gens, [e.continuation_ids for e in examples], tok.eos_id)
+    n_new, truths = data.synthetic_max_new_tokens(task), [e.continuation_ids for e in examples]
+    gens = evaluate.greedy_continuations(net, tok, examples, n_new, batch_size=64)
+    scores = data.score_synthetic(gens, truths, tok.eos_id)
+    generator = negatives.make_generator(seed, "miniature-sampled")  # the same draws for every model of a seed
+    sampled = [g for s in range(0, len(examples), 64) for g in evaluate.generate_batch(
+        net, tok, [e.prompt_ids for e in examples[s:s + 64]], n_new, SAMPLED, generator)]
+    scores.update({f"sampled_{k}": v for k, v in data.score_synthetic(sampled, truths, tok.eos_id).items()})
     texts = [e.prompt + evaluate.new_text(tok, g) for e, g in zip(examples, gens)] + [e.prompt + e.response for e in examples]
     feats = evaluate.featurize(texts, ref_dir, batch_size=128)
     scores["mauve"] = mauve.compute_mauve(feats[:len(examples)], feats[len(examples):])
@@ -79,14 +87,17 @@ def miniature_score(model_dir, ref_dir, examples, out_path):
     return scores
 
 
-def write_seed_inputs(final, seed_dir, seed, base, stages):
-    """The seed's shared inputs of the AN and DPO runs, for their training examples: the AN cache sampled
-    from the reference model `final`, and data.synthetic_rejected's wrong answer per example."""
+def write_seed_inputs(final, seed_dir, seed, base, stages, experiment):
+    """The seed's shared inputs of the AN and DPO runs, for their training examples: the AN caches sampled
+    from the reference model `final` (seed<S>/an/ at temperature 1, and one folder per entry of
+    experiment["an_temperatures"]), and data.synthetic_rejected's wrong answer per example."""
     n = next(o for k, o in stages.items() if k != "ref")["n_train"]
-    spec = next(o["negatives"] for o in stages.values() if o.get("negatives", "").startswith("an:"))
-    negatives.write_an_negatives(final, base["task"], os.path.join(seed_dir, "an"), split="train", spec=spec,
-                                 seed=seed, limit=n, max_len=base["max_len"],
-                                 max_new_tokens=data.SYNTHETIC_MAX_NEW_TOKENS, device="cpu")
+    spec = next((o["negatives"] for o in stages.values() if o.get("negatives", "").startswith("an:")), None)
+    for name, temperature in {"an": 1.0, **experiment.get("an_temperatures", {})}.items():
+        if spec and any(o.get("an_cache", "an") == name for o in stages.values() if "an:" in o.get("negatives", "")):
+            negatives.write_an_negatives(final, base["task"], os.path.join(seed_dir, name), split="train", spec=spec,
+                                         seed=seed, limit=n, max_len=base["max_len"], temperature=temperature,
+                                         max_new_tokens=data.synthetic_max_new_tokens(base["task"]), device="cpu")
     examples = data.load_task(base["task"], "train", tokenizer.load_tokenizer(final), base["max_len"], n=n, seed=seed)
     write_jsonl_atomic(os.path.join(seed_dir, "dpo_rejected.jsonl"),
                        [{"id": e.id, "rejected": data.synthetic_rejected(e)} for e in examples])
@@ -114,16 +125,31 @@ def miniature_task(kind, seed, name, out, base, stages, experiment, threads):
             cfg = train.Config(**{"resume": True, **base, **stages[name], "seed": seed, "out_dir": run_dir})
             if name != "ref":
                 cfg = replace(cfg, init_from=ref_final,
-                              an_cache=os.path.join(seed_dir, "an") if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
+                              an_cache=os.path.join(seed_dir, cfg.an_cache or "an") if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
                               dpo_rejected=os.path.join(seed_dir, "dpo_rejected.jsonl") if cfg.objective == "dpo" else "")
             final = os.path.join(run_dir, "final")
             if not os.path.isdir(final):
                 final = train.train(cfg)
             if name == "ref":
-                write_seed_inputs(final, seed_dir, seed, base, stages)
-        scores = miniature_score(final, ref_final, miniature_examples(base, seed, experiment["n_eval"]),
-                                 os.path.join(run_dir, f"scores_{name}.json" if kind == "alpha" else "scores.json"))
-    return seed, name, scores, time.time() - t0
+                write_seed_inputs(final, seed_dir, seed, base, stages, experiment)
+        examples = miniature_examples(base, seed, experiment["n_eval"], experiment.get("split", "test"))
+        scores = miniature_score(final, ref_final, examples, os.path.join(run_dir, f"scores_{name}.json" if kind == "alpha"
+                                 else "scores.json"), base["task"], seed)
+    return seed, name, {**scores, **run_diagnostics(run_dir if kind != "alpha" else "")}, time.time() - t0
+
+
+def run_diagnostics(run_dir):
+    """train.py's metrics.jsonl of a run: {"curve": [per logged step: loss, reward accuracy and margin, mean
+    log pi_theta of truths and negatives], "changed_vs_ref": share of held-out greedy outputs changed}."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not run_dir or not os.path.isfile(path):
+        return {}
+    records = {}
+    for r in map(json.loads, open(path)):  # a resumed run logs some steps twice: keep the last
+        records[(r["step"], "changed_vs_ref" in r)] = r
+    out = {"curve": [r for (s, final), r in sorted(records.items()) if not final]}
+    out.update(("changed_vs_ref", r["changed_vs_ref"]) for (s, final), r in records.items() if final)
+    return out
 
 
 def run_all(units, then, work, jobs):
@@ -163,16 +189,35 @@ def verdict(values, baseline):
     return "win" if m > mb else "loss"
 
 
-def results_table(results, names, seeds):
-    """Markdown: one row per method, each metric as mean ± std over seeds, and the verdict against MLE
-    continued on exact match and on MAUVE."""
-    lines = ["| method | " + " | ".join(METRICS) + " | exact match vs MLE | MAUVE vs MLE |",
-             "|---|" + "---|" * (len(METRICS) + 2)]
+def results_table(results, names, seeds, baselines=None):
+    """Markdown: one row per method, each metric as mean ± std over seeds, and the verdict against its
+    baseline (baselines: name -> name; default MLE continued) on exact match, MAUVE and sampled exact match."""
+    baselines = baselines or {}
+    lines = ["| method | " + " | ".join(METRICS) + " | vs | exact match | MAUVE | sampled exact match |",
+             "|---|" + "---|" * (len(METRICS) + 4)]
     for name in names:
-        vs = ["-", "-"] if name in ("mle", "ref") else [
-            verdict([results[(s, name)][k] for s in seeds], [results[(s, "mle")][k] for s in seeds])
-            for k in ("exact_match", "mauve")]
+        base = baselines.get(name, "mle")
+        vs = ["-"] * 4 if name == "ref" or name.startswith("mle") else [base] + [
+            verdict([results[(s, name)][k] for s in seeds], [results[(s, base)][k] for s in seeds])
+            for k in ("exact_match", "mauve", "sampled_exact_match")]
         lines.append(f"| {name} | " + " | ".join(spread_cells(results, name, seeds) + vs) + " |")
+    return "\n".join(lines)
+
+
+def diagnostics_table(results, names, seeds):
+    """Markdown: what each CPO/DPO run did to its model, means over seeds: log pi_theta (summed over the
+    answer) of the ground truths and of the negatives at step 1 and at the last step, the last step's
+    reward accuracy and margin, and the share of held-out greedy outputs that differ from the reference's."""
+    lines = ["| method | log π truth, step 1 → last | log π negatives, step 1 → last | reward acc | margin | "
+             "greedy outputs changed |", "|---|---|---|---|---|---|"]
+    for name in names:
+        runs = [results[(s, name)] for s in seeds]
+        if not all(r.get("curve") and "logp_truth" in r["curve"][0] for r in runs):
+            continue
+        first, last = (lambda k: np.mean([r["curve"][0][k] for r in runs])), (lambda k: np.mean([r["curve"][-1][k] for r in runs]))
+        changed = np.mean([r.get("changed_vs_ref", np.nan) for r in runs])
+        lines.append(f"| {name} | {first('logp_truth'):.2f} → {last('logp_truth'):.2f} | {first('logp_negatives'):.2f} → "
+                     f"{last('logp_negatives'):.2f} | {last('reward_accuracy'):.2f} | {last('reward_margin'):.2f} | {changed:.3f} |")
     return "\n".join(lines)
 
 
@@ -196,7 +241,7 @@ def miniature(args):
     seeds = [int(s) for s in (args.seeds or experiment["seeds"]).split(",")]
     jobs = args.jobs or experiment["jobs"]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    alphas = [float(a) for a in experiment["alphas"].split(",")]
+    alphas = [float(a) for a in experiment["alphas"].split(",") if a]
     continued = [n for n in stages if n != "ref"]
     cpo_runs = [n for n in continued if stages[n].get("objective") == "cpo"]
     work = functools.partial(miniature_task, out=args.out, base=base, stages=stages, experiment=experiment,
@@ -218,28 +263,34 @@ def miniature(args):
         return [("run", seed, n) for n in continued] if name == "ref" else []
 
     run_all([("ref", s, "ref") for s in seeds], collect, work, jobs)
-    best = max(cpo_runs, key=lambda n: np.mean([results[(s, n)]["exact_match"] for s in seeds]))
-    log(f"miniature: best CPO variant by mean exact match: {best}; alpha sweep {alphas}")
-    run_all([("alpha", s, f"{best}@{a:g}") for s in seeds for a in alphas], collect, work, jobs)
+    best = max(cpo_runs, key=lambda n: np.mean([results[(s, n)]["exact_match"] for s in seeds]), default=None)
+    if alphas and best:
+        log(f"miniature: best CPO variant by mean exact match: {best}; alpha sweep {alphas}")
+        run_all([("alpha", s, f"{best}@{a:g}") for s in seeds for a in alphas], collect, work, jobs)
 
     cont = stages[continued[0]]
     header = (f"Synthetic task, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); reference: MLE from scratch, "
               f"{stages['ref']['steps']} steps of batch {stages['ref']['batch_size']}; every other row continues from it "
-              f"for {cont['steps']} steps of batch {cont['batch_size']} (lr {cont['lr']:g}). Greedy decoding on "
-              f"{experiment['n_eval']} held-out prompts. Cells: mean ± standard deviation over seeds. "
+              f"for {cont['steps']} steps of batch {cont['batch_size']} (lr {cont['lr']:g}) unless its settings say "
+              f"otherwise. Greedy decoding on {experiment['n_eval']} held-out prompts ({experiment.get('split', 'test')} "
+              f"split); sampled: one top-k 50 sample per prompt. Cells: mean ± standard deviation over seeds. "
               f"win/loss: the difference of means exceeds the larger of the two standard deviations; else tie.")
-    table = results_table(results, ["ref"] + continued, seeds)
-    alphas_md = alpha_table(results, best, alphas, seeds)
-    alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
+    table = results_table(results, ["ref"] + continued, seeds, experiment.get("baselines"))
+    table += "\n\nWhat the contrastive runs did to the model (means over seeds):\n\n" + diagnostics_table(results, continued, seeds)
     os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, "results.md"), header + "\n\n" + table + "\n")
-    write_atomic(os.path.join(args.out, "alpha.md"), alpha_header + "\n\n" + alphas_md + "\n")
     write_atomic(os.path.join(args.out, "results.json"),
                  json.dumps({f"{s}/{n}": r for (s, n), r in results.items()}, indent=1))
-    sweep = [(a, *mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds])) for a in alphas]
-    evaluate.svg_chart(os.path.join(args.out, "alpha.svg"), {f"{best}, mean ± std over seeds": sweep},
-                       "alpha (weight of the MLE model)", "exact match, held-out", f"alpha * MLE + (1 - alpha) * {best}")
-    print(header + "\n\n" + table + "\n\n" + alpha_header + "\n\n" + alphas_md, flush=True)
+    print(header + "\n\n" + table, flush=True)
+    alphas_md = ""
+    if alphas and best:
+        alphas_md = alpha_table(results, best, alphas, seeds)
+        alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
+        write_atomic(os.path.join(args.out, "alpha.md"), alpha_header + "\n\n" + alphas_md + "\n")
+        sweep = [(a, *mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds])) for a in alphas]
+        evaluate.svg_chart(os.path.join(args.out, "alpha.svg"), {f"{best}, mean ± std over seeds": sweep},
+                           "alpha (weight of the MLE model)", "exact match, held-out", f"alpha * MLE + (1 - alpha) * {best}")
+        print("\n" + alpha_header + "\n\n" + alphas_md, flush=True)
     log(f"miniature: done in {(time.time() - t0) / 60:.1f} min; {args.out}/results.md, {args.out}/alpha.md")
     return table, alphas_md
 

@@ -345,13 +345,16 @@ def load_an_cache(out_dir):
 
 
 def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_tokens=256, top_k=50,
-                       batch_size=64, shard_size=256, seed=0, max_len=None, limit=None, max_shards=None, device=None):
+                       batch_size=64, shard_size=256, seed=0, max_len=None, limit=None, max_shards=None, device=None,
+                       temperature=1.0):
     """Sample AN negatives from `model` (an HF folder or hub name: the reference model) for the examples of
     data.load_task(data, split) into out/: meta.json + shard-NNNNN.jsonl of {id, negatives: [[ids...], ...]}.
     Shards already written are skipped (a rerun resumes; max_shards time-boxes one run); under torchrun
     the ranks share the shards (i % world == rank), with the same samples as one process, since each
     shard's stream is make_generator(seed, "an-shard", i). seed is also the synthetic task's, as train.py's.
-    max_len: load_task's (default: hf.window_len, the model's training max_len). ValueError if `out` holds other settings' shards."""
+    max_len: load_task's (default: hf.window_len, the model's training max_len). temperature: the sampling's
+    (the paper's AN: 1, top-k 50; lower gives the reference's likelier, harder negatives). ValueError if `out`
+    holds other settings' shards."""
     (kind, n), *rest = parse_spec(spec)
     if kind != "an" or rest:
         raise ValueError(f"spec must be an:N (bn/mn/tn are made on the fly in training), got {spec!r}")
@@ -366,7 +369,8 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
     # the settings that decide the output; a rerun with other settings must not mix into these shards
     meta = dict(model=model, data=data, split=split, spec=spec, seed=seed, max_new_tokens=max_new_tokens,
                 top_k=top_k, batch_size=batch_size, shard_size=shard_size, max_len=max_len, limit=limit,
-                num_examples=len(examples), num_shards=num_shards)
+                num_examples=len(examples), num_shards=num_shards,
+                **({"temperature": temperature} if temperature != 1.0 else {}))  # absent at 1: older caches still match
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
@@ -388,7 +392,7 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
         g = make_generator(seed, "an-shard", i, device=device)  # fixed shards: any world size, same samples
         negs = autoregressive_negatives(net, [ex.prompt_ids for ex in shard], n, top_k=top_k,
                                         max_new_tokens=max_new_tokens, eos_id=eos_id, generator=g,
-                                        batch_size=batch_size)
+                                        temperature=temperature, batch_size=batch_size)
         write_atomic(shard_path(out, i),
                      "".join(json.dumps({"id": ex.id, "negatives": ng}) + "\n" for ex, ng in zip(shard, negs)))
         done += len(shard)
@@ -408,6 +412,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder: meta.json + shard-NNNNN.jsonl")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest sample incl. its EOS (default 256)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default 50, the paper's)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1, the paper's)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
     p.add_argument("--shard-size", type=int, default=256, help="examples per shard file (default 256)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each shard's stream is hashed from (seed, "
@@ -426,7 +431,7 @@ def main(argv=None):
     try:
         write_an_negatives(args.model, args.data, args.out, args.split, args.spec, args.max_new_tokens, args.top_k,
                            args.batch_size, args.shard_size, args.seed, args.max_len, args.limit, args.max_shards,
-                           args.device)
+                           args.device, args.temperature)
     except ValueError as e:  # bad settings: one line that says what, not a traceback
         raise SystemExit(f"negatives.py: {e}") from None
     if world > 1:

@@ -165,3 +165,20 @@ def check(cfg, world, device, log=print):
         else:
             raise SystemExit(f"memory plan: {problem}")
     return totals
+
+
+# ----------------------------------------------------------------------------- compute: for the MFU in train.py's log lines
+
+def flops_per_token(model):
+    """Training FLOPs per token, 6N plus attention (PaLM appendix B), for MFU."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.max_seq_len
+
+
+def peak_flops(device):
+    """bf16 dense peak of the GPU, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)] if key in name), None)

@@ -31,7 +31,7 @@ class Config:
     n_layer: int = opt(4, "scratch model: layers")
     n_head: int = opt(4, "scratch model: attention heads")
     n_embd: int = opt(128, "scratch model: width")
-    task: str = opt("synthetic", "synthetic | dolly | dolly:<path-or-url> | wiki:<path-or-url> | jsonl:<path-or-url>")
+    task: str = opt("synthetic", "synthetic | synthetic:long (answers of ~16-80 letters) | dolly | dolly:<path-or-url> | wiki:<path-or-url> | jsonl:<path-or-url>")
     max_len: int = opt(64, "tokens per sequence, prompt + continuation (longer prompts are cut from the left)")
     n_train: int = opt(0, "training examples to use (0: all; the synthetic task generates this many, default 20000)")
     n_val: int = opt(128, "held-out examples for the held-out loss and the final evaluation")

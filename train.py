@@ -45,7 +45,7 @@ import fsdp
 import negatives
 import plan
 from checkpoint import barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint
-from common import write_atomic
+from common import cut_at_eos, write_atomic
 from hf import load, save_pretrained
 from settings import Config, load_preset, parse_args, validate_config
 from model import ModelConfig, Transformer
@@ -232,7 +232,16 @@ def cpo_objective(cfg, policy, ref, examples, rt, micro_id):
     loss, metrics = cpo.cpo_loss(policy_logps[kept], ref_logps[kept], beta=cfg.beta, ranked=cfg.ranked,
                                  valid=valid[keep].to(device), mle_weight=cfg.mle_weight,
                                  gt_tokens=mask[keep, 0].sum(-1).to(device))
-    return loss * int(keep.sum()), {**metrics, "tokens": ids.numel()}
+    return loss * int(keep.sum()), {**metrics, **logp_diagnostics(policy_logps[kept], valid[keep].to(device)),
+                                    "tokens": ids.numel()}
+
+
+def logp_diagnostics(policy_logps, valid):
+    """Mean log pi_theta of the ground truths (column 0) and of the valid negatives: if both fall while the
+    margin grows, the loss is being won by pushing everything down (DPO's known failure), not by the truth."""
+    lp = policy_logps.detach()  # (B, K)
+    neg = valid[:, 1:]
+    return {"logp_truth": lp[:, 0].mean(), "logp_negatives": (lp[:, 1:] * neg).sum() / neg.sum().clamp(min=1)}
 
 
 def cpo_batch(cfg, policy, ref, examples, rt):
@@ -251,7 +260,8 @@ def dpo_objective(cfg, policy, ref, examples, rt, micro_id):
     ids, mask = data.collate([e for pair in zip(examples, rejected) for e in pair], rt.pad_id)  # (2B, T)
     policy_logps, ref_logps = score_sequences(policy, ref, ids.view(len(examples), 2, -1), mask.view(len(examples), 2, -1), rt)
     loss, metrics = cpo.dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
-    return loss * len(examples), {**metrics, "tokens": ids.numel()}
+    return loss * len(examples), {**metrics, **logp_diagnostics(policy_logps, torch.ones_like(policy_logps, dtype=torch.bool)),
+                                  "tokens": ids.numel()}
 
 
 def pss_objective(cfg, policy, ref, examples, rt, micro_id):
@@ -328,36 +338,23 @@ def heldout_loss(model, examples, pad_id, device, autocast, batch_size=32):
     return nll / max(tokens, 1)
 
 
-def flops_per_token(model):
-    """Training FLOPs per token, 6N plus attention (PaLM appendix B), for MFU."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    return 6 * n + 12 * c.n_layer * c.n_embd * c.max_seq_len
-
-
-def peak_flops(device):
-    """bf16 dense peak of the GPU, for MFU; None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)] if key in name), None)
-
-
 # ----------------------------------------------------------------------------- the loop
+
+DIAGNOSTICS = ("reward_accuracy", "reward_margin", "logp_truth", "logp_negatives")  # cpo/dpo, per example
+
 
 def train_step(cfg, policy, ref, micro, rt, step, units, world):
     """Forward and backward over this rank's micro-batches of one global batch (the optimizer steps
-    outside). Returns the global sums of (loss, reward accuracy, reward margin), and the tokens this
-    rank's policy processed."""
+    outside). Returns the global sums of the loss and of each of DIAGNOSTICS over the examples, and the
+    tokens this rank's policy processed."""
     device, accum, rank = rt.device, len(micro), rt.rank
-    sums, tokens, zero = torch.zeros(3, device=device), 0, torch.zeros((), device=device)
+    sums, tokens, zero = torch.zeros(1 + len(DIAGNOSTICS), device=device), 0, torch.zeros((), device=device)
     for m, examples in enumerate(micro):
         # DDP all-reduces the gradients on the last micro-step only, and must know it before the forward
         with fsdp.grad_sync(policy, m == accum - 1), rt.autocast:
             loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, rt, (step, rank * accum + m))
         (loss_sum * world / units).backward()  # DDP averages over ranks: this makes it the global batch's mean
-        sums += torch.stack([loss_sum.detach().float(), len(examples) * metrics.get("reward_accuracy", zero),
-                             len(examples) * metrics.get("reward_margin", zero)])
+        sums += torch.stack([loss_sum.detach().float()] + [len(examples) * metrics.get(k, zero) for k in DIAGNOSTICS])
         tokens += metrics["tokens"]
     return all_sum(sums).tolist(), tokens
 
@@ -415,13 +412,11 @@ def train(cfg):
     log(f"config: {json.dumps(asdict(cfg))}")
     log(f"{cfg.objective} on {cfg.task}: {len(train_set)} training examples, {world} rank(s) x {accum} micro-steps x "
         f"{cfg.micro_batch_size} = global batch {cfg.batch_size}, device {device}, {'bf16 autocast' if use_bf16 else 'float32'}")
-    if ref is not None:
-        log("reference log-probs: computed once per distinct sequence and cached (negatives are fixed per seed and example)")
 
     policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not shard else model
     if cfg.compile:
         policy = torch.compile(policy)
-    fpt, peak = flops_per_token(model), peak_flops(device)
+    fpt, peak = plan.flops_per_token(model), plan.peak_flops(device)
     t_start, t_last, tokens_since = time.time(), time.time(), 0
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
@@ -449,19 +444,27 @@ def train(cfg):
         tokens_since += tokens * world
 
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.steps:
+        if done % cfg.log_interval == 0 or done in (1, cfg.steps):  # step 1: the starting point of the curves
             dt, t_last = time.time() - t_last, time.time()
             tok_s = tokens_since / dt
             tokens_since = 0
             eta = (time.time() - t_start) / (done - start) * (cfg.steps - done)
-            extra = f" | acc {sums[1] / cfg.batch_size:.2f} margin {sums[2] / cfg.batch_size:.2f}" if cfg.objective in ("cpo", "dpo") else ""
+            diag = dict(zip(DIAGNOSTICS, (x / cfg.batch_size for x in sums[1:])))
+            extra = (f" | acc {diag['reward_accuracy']:.2f} margin {diag['reward_margin']:.2f} | log pi truth "
+                     f"{diag['logp_truth']:.2f} negatives {diag['logp_negatives']:.2f}") if ref is not None else ""
             mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
             log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+            if master:
+                append_metrics(cfg.out_dir, {"step": done, "loss": loss, "lr": lr, **(diag if ref is not None else {})})
         if (master or shard) and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
             log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
             log(f"saved {save(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
 
+    if master and ref is not None and val_set and not shard:  # sharded, generation would need every rank
+        changed = changed_vs_reference(model, ref, tok, val_set, cfg.task, rt.autocast)
+        log(f"held-out greedy outputs changed vs the reference: {changed:.3f} of {len(val_set)}")
+        append_metrics(cfg.out_dir, {"step": cfg.steps, "changed_vs_ref": changed})
     save(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
     final_model = fsdp.gathered(model, optimizer)[0] if shard else model  # every rank takes part in the gather
     if master:
@@ -472,6 +475,20 @@ def train(cfg):
     barrier()
     return final_dir
 
+
+def append_metrics(out_dir, record):
+    """One line of out_dir/metrics.jsonl: the log line's numbers, for plots and tables (miniature.py)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def changed_vs_reference(model, ref, tok, examples, task, autocast):
+    """The share of held-out prompts whose greedy continuation the run changed: 0 means it left the
+    model's behaviour as it was, whatever its loss did."""
+    n_new = data.synthetic_max_new_tokens(task) if task.startswith("synthetic") else 256
+    with autocast:
+        gens = [evaluate.greedy_continuations(m, tok, examples, n_new) for m in (unwrap(model).eval(), ref.eval())]
+    return sum(cut_at_eos(a, tok.eos_id) != cut_at_eos(b, tok.eos_id) for a, b in zip(*gens)) / len(examples)
 
 # ----------------------------------------------------------------------------- the embedded default
 
