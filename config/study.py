@@ -26,6 +26,8 @@ stages = dict(
     cpo_mixn_200=dict(_longer, objective="cpo", negatives="bn:1,mn:2,tn:1"),  # the paper's mix; MN from pi_theta
 )
 
+tiny = _mini["tiny"]  # --scale tiny: the smoke test (tests/test_study.py)
+
 experiment = dict(
     seeds="0,1,2", n_eval=500, split="val", alphas="", jobs=2,
     an_temperatures={"an_t0.5": 0.5},                   # seed<S>/an_t0.5/: the H3 cache (seed<S>/an/: T = 1)

@@ -15,4 +15,5 @@ stages = dict(
                                                 "cpo_an_t0_5_200")},
 )
 
+tiny = _study["tiny"]
 experiment = dict(_study["experiment"], baselines={name: "mle_200" if "_200" in name else "mle" for name in stages})
