@@ -3,17 +3,22 @@ The method in miniature: every method of the paper on the synthetic task, on a C
 
     python miniature.py --out out/miniature        # config/miniature.py: 3 seeds, 15.5 min on 2 CPU cores
     python miniature.py --scale tiny --seeds 0     # the same at a smoke-test size (seconds)
+    python miniature.py --config config/study.py   # the "When does CPO help?" study (README), its own settings
 
 Per seed: the reference (MLE from scratch), its AN cache and DPO rejected answers; then from the reference,
 all for the same steps and batch: MLE continued, CPO with each negative type with and without ranking, DPO
 and PSS; then the weight-space ensembles of MLE continued with the best CPO variant. Every model is scored
-by greedy decoding on the same held-out prompts: the exact metrics of data.score_synthetic, and MAUVE.
+on the same held-out prompts: by greedy decoding, the exact metrics of data.score_synthetic and MAUVE; by one
+top-k 50 sample per prompt, the exact metrics again (sampled_*).
 
 Layout under --out: seed<S>/<stage>/ (train.py's run folder; final/ the model, scores.json its held-out
-scores, log.txt its output), seed<S>/an/ (the AN cache), seed<S>/dpo_rejected.jsonl, seed<S>/alpha/alpha_<a>/
-(the ensembles, their scores in seed<S>/alpha/scores_<run>@<a>.json), results.md, alpha.md, alpha.svg and
-results.json. A run with a final/ is not trained again and a model with scores.json is not scored again,
-so a rerun after an interruption continues where it stopped.
+scores, log.txt its output, metrics.jsonl its logged diagnostics), seed<S>/an/ (the AN cache),
+seed<S>/dpo_rejected.jsonl, seed<S>/alpha/alpha_<a>/ (the ensembles, their scores in
+seed<S>/alpha/scores_<run>@<a>.json); results.md (the scores, then what each contrastive run did to its
+model), alpha.md and alpha.svg, logp_truth.svg and logp_negatives.svg (the logged mean log pi_theta against
+the step), results.json (every run's scores, logged curve and changed share). A run with a final/ is not
+trained again and a model with scores.json is not scored again, so a rerun after an interruption continues
+where it stopped.
 """
 import argparse
 import contextlib
@@ -229,6 +234,17 @@ def alpha_table(results, best, alphas, seeds):
     return "\n".join(lines)
 
 
+def curves_chart(path, results, names, seeds, key, ylabel):
+    """An SVG of one logged diagnostic against the step, one line per contrastive run (mean over seeds)."""
+    curves = {}
+    for name in names:
+        runs = [results[(s, name)].get("curve") for s in seeds]
+        if all(runs) and key in runs[0][0]:
+            curves[name] = [(points[0]["step"], float(np.mean([p[key] for p in points]))) for points in zip(*runs)]
+    if curves:
+        evaluate.svg_chart(path, curves, "step", ylabel, f"{ylabel}, mean over seeds {', '.join(map(str, seeds))}")
+
+
 def spread_cells(results, name, seeds):
     """One run name's metrics as 'mean ± std' over seeds, in METRICS order."""
     return [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, name)][k] for s in seeds]) for k in METRICS)]
@@ -281,6 +297,8 @@ def miniature(args):
     write_atomic(os.path.join(args.out, "results.md"), header + "\n\n" + table + "\n")
     write_atomic(os.path.join(args.out, "results.json"),
                  json.dumps({f"{s}/{n}": r for (s, n), r in results.items()}, indent=1))
+    for key, label in [("logp_truth", "log pi_theta of the ground truths"), ("logp_negatives", "log pi_theta of the negatives")]:
+        curves_chart(os.path.join(args.out, f"{key}.svg"), results, continued, seeds, key, label)
     print(header + "\n\n" + table, flush=True)
     alphas_md = ""
     if alphas and best:

@@ -12,6 +12,7 @@ config = _mini["config"]
 _continued = _mini["_continued"]                        # 50 steps x 16 examples, lr 2e-4: the miniature's
 _longer = dict(_continued, steps=200, lr=1e-3)          # H1: 4x the steps (each example 4 times), 5x the lr
 _an = dict(objective="cpo", negatives="an:4")
+_gentle = dict(_continued, steps=200, lr=5e-5)          # round 2: 4x the steps at a quarter of the lr
 
 stages = dict(
     ref=_mini["stages"]["ref"],
@@ -24,6 +25,13 @@ stages = dict(
     cpo_an_200_alpha1=dict(_longer, **_an, mle_weight=1.0),               # H2: 1 * L_MLE + L_CPO
     cpo_an_t0_5_200=dict(_longer, **_an, an_cache="an_t0.5"),             # H3: AN at temperature 0.5
     cpo_mixn_200=dict(_longer, objective="cpo", negatives="bn:1,mn:2,tn:1"),  # the paper's mix; MN from pi_theta
+    # Round 2, written after round 1 (README): lr 1e-3 wrecked every CPO run, so gentler and longer, and an
+    # MLE term weighted to match the CPO term's scale (beta x answer length ~ 5 x 8 tokens: alpha ~ 30)
+    mle_200_lr5e_5=dict(_gentle, objective="mle"),
+    cpo_an_200_lr5e_5=dict(_gentle, **_an),                               # R1: gentle and long
+    cpo_an_200_lr5e_5_alpha30=dict(_gentle, **_an, mle_weight=30.0),      # R2: ... with a matched MLE term
+    cpo_an_alpha30=dict(_continued, **_an, mle_weight=30.0),              # R2 at the miniature's budget
+    cpo_mixn=dict(_continued, objective="cpo", negatives="bn:1,mn:2,tn:1"),  # R3: the model's own samples, gently
 )
 
 tiny = _mini["tiny"]  # --scale tiny: the smoke test (tests/test_study.py)
@@ -31,5 +39,5 @@ tiny = _mini["tiny"]  # --scale tiny: the smoke test (tests/test_study.py)
 experiment = dict(
     seeds="0,1,2", n_eval=500, split="val", alphas="", jobs=2,
     an_temperatures={"an_t0.5": 0.5},                   # seed<S>/an_t0.5/: the H3 cache (seed<S>/an/: T = 1)
-    baselines={name: "mle_200" if "_200" in name else "mle" for name in stages},
+    baselines={name: "mle_200_lr5e_5" if "lr5e_5" in name else "mle_200" if "_200" in name else "mle" for name in stages},
 )
