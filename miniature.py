@@ -130,7 +130,8 @@ def miniature_task(kind, seed, name, out, base, stages, experiment, threads):
             cfg = train.Config(**{"resume": True, **base, **stages[name], "seed": seed, "out_dir": run_dir})
             if name != "ref":
                 cfg = replace(cfg, init_from=ref_final,
-                              an_cache=os.path.join(seed_dir, cfg.an_cache or "an") if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
+                              an_cache=os.path.join(seed_dir, cfg.an_cache or "an")  # the stage may name its cache
+                              if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
                               dpo_rejected=os.path.join(seed_dir, "dpo_rejected.jsonl") if cfg.objective == "dpo" else "")
             final = os.path.join(run_dir, "final")
             if not os.path.isdir(final):
@@ -150,8 +151,9 @@ def run_diagnostics(run_dir):
     if not run_dir or not os.path.isfile(path):
         return {}
     records = {}
-    for r in map(json.loads, open(path)):  # a resumed run logs some steps twice: keep the last
-        records[(r["step"], "changed_vs_ref" in r)] = r
+    with open(path) as f:
+        for r in map(json.loads, f):  # a resumed run logs some steps twice: keep the last
+            records[(r["step"], "changed_vs_ref" in r)] = r
     out = {"curve": [r for (s, final), r in sorted(records.items()) if not final]}
     out.update(("changed_vs_ref", r["changed_vs_ref"]) for (s, final), r in records.items() if final)
     return out
@@ -219,10 +221,11 @@ def diagnostics_table(results, names, seeds):
         runs = [results[(s, name)] for s in seeds]
         if not all(r.get("curve") and "logp_truth" in r["curve"][0] for r in runs):
             continue
-        first, last = (lambda k: np.mean([r["curve"][0][k] for r in runs])), (lambda k: np.mean([r["curve"][-1][k] for r in runs]))
+        first = {k: np.mean([r["curve"][0][k] for r in runs]) for k in runs[0]["curve"][0]}  # step 1: pi_ref itself
+        last = {k: np.mean([r["curve"][-1][k] for r in runs]) for k in runs[0]["curve"][-1]}
         changed = np.mean([r.get("changed_vs_ref", np.nan) for r in runs])
-        lines.append(f"| {name} | {first('logp_truth'):.2f} → {last('logp_truth'):.2f} | {first('logp_negatives'):.2f} → "
-                     f"{last('logp_negatives'):.2f} | {last('reward_accuracy'):.2f} | {last('reward_margin'):.2f} | {changed:.3f} |")
+        lines.append(f"| {name} | {first['logp_truth']:.2f} → {last['logp_truth']:.2f} | {first['logp_negatives']:.2f} → "
+                     f"{last['logp_negatives']:.2f} | {last['reward_accuracy']:.2f} | {last['reward_margin']:.2f} | {changed:.3f} |")
     return "\n".join(lines)
 
 
