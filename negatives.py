@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from common import cut_at_eos, read_jsonl, write_atomic
+from common import cut_at_eos, number, read_jsonl, write_atomic
 from data import load_task, pad_right
 from hf import load, window_len
 from model import left_pad
@@ -412,7 +412,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder: meta.json + shard-NNNNN.jsonl")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest sample incl. its EOS (default 256)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default 50, the paper's)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1, the paper's)")
+    p.add_argument("--temperature", type=number(float, 0, strict=True), default=1.0,
+                   help="sampling temperature, > 0 (default 1, the paper's; lower: likelier, harder negatives)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
     p.add_argument("--shard-size", type=int, default=256, help="examples per shard file (default 256)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each shard's stream is hashed from (seed, "
