@@ -1,7 +1,7 @@
 """
 The method in miniature: every method of the paper on the synthetic task, on a CPU, over seeds.
 
-    python miniature.py --out out/miniature        # config/miniature.py: 3 seeds, 15.5 min on 2 CPU cores
+    python miniature.py --out out/miniature        # config/miniature.py: 3 seeds, ~15-20 min on 2 CPU cores
     python miniature.py --scale tiny --seeds 0     # the same at a smoke-test size (seconds)
     python miniature.py --config config/study.py   # the "When does CPO help?" study (README), its own settings
 
