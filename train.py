@@ -462,7 +462,7 @@ def train(cfg):
             log(f"saved {save(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
 
     if master and ref is not None and val_set and not shard:  # sharded, generation would need every rank
-        changed = changed_vs_reference(model, ref, tok, val_set, cfg.task, rt.autocast)
+        changed = changed_vs_reference(model, ref, tok, val_set, rt.autocast)
         log(f"held-out greedy outputs changed vs the reference: {changed:.3f} of {len(val_set)}")
         append_metrics(cfg.out_dir, {"step": cfg.steps, "changed_vs_ref": changed})
     save(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
@@ -482,10 +482,10 @@ def append_metrics(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def changed_vs_reference(model, ref, tok, examples, task, autocast):
+def changed_vs_reference(model, ref, tok, examples, autocast):
     """The share of held-out prompts whose greedy continuation the run changed: 0 means it left the
-    model's behaviour as it was, whatever its loss did."""
-    n_new = data.synthetic_max_new_tokens(task) if task.startswith("synthetic") else 256
+    model's behaviour as it was, whatever its loss did. Up to the longest held-out answer's length."""
+    n_new = max(len(e.continuation_ids) for e in examples)
     with autocast:
         gens = [evaluate.greedy_continuations(m, tok, examples, n_new) for m in (unwrap(model).eval(), ref.eval())]
     return sum(cut_at_eos(a, tok.eos_id) != cut_at_eos(b, tok.eos_id) for a, b in zip(*gens)) / len(examples)

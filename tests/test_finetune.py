@@ -33,7 +33,7 @@ def test_one_command_cpo_run_from_a_tokenizer_json_llama_folder(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "=== stage" not in out.stdout and "| model |" not in out.stdout   # one run, not the default's stages
     assert f"cpo on jsonl:{pairs}: 32 training examples" in out.stdout       # every row kept
-    assert sorted(os.listdir(out_dir)) == ["ckpt-0000002", "config.json", "final"]
+    assert sorted(os.listdir(out_dir)) == ["ckpt-0000002", "config.json", "final", "metrics.jsonl"]
 
     _, tok = hf.load(folder)
     for ex in data.load_task(f"jsonl:{pairs}", "train", tok, 64):          # what train() trained on
