@@ -1,7 +1,7 @@
 # "When does CPO help?" (README), after the study: H4 again, from a long-task reference that has learned the
 # task. The study's long references (500 steps of 32) stop before the model learns to copy: their held-out
 # loss is still ~1.9 nats a letter. One run of 2000 steps of 32 from scratch (~20 CPU-minutes) passes that
-# point near step 1500, where the training loss drops from 1.4 to 0.3. One seed only, so no win/tie/loss:
+# point: its training loss falls from 1.4 at step 1000 to 0.3 at step 1700. One seed only, so no win/tie/loss:
 # a pointer for the next study, not a result of this one.
 #     python miniature.py --config config/study_long_2000.py --out out/study_long_2000
 import os
