@@ -279,7 +279,6 @@ SYNTHETIC_OPS = {
     "cons": lambda s: "".join(c for c in s if c not in "aeiou"),
 }
 SYNTHETIC_WORD_LEN = (3, 10)  # inclusive
-SYNTHETIC_MAX_NEW_TOKENS = 2 * SYNTHETIC_WORD_LEN[1] + 1  # the longest answer ("dup") and its EOS
 # "synthetic:long": the same operations on words of 20-40 letters, answers of ~16-80 letters (dup: 40-80),
 # where one wrong or missing letter shifts everything after it: more room for exposure bias (README, H4).
 SYNTHETIC_LONG_WORD_LEN = (20, 40)
@@ -312,8 +311,8 @@ def synthetic_pairs(n, seed=0, split="train", word_len=SYNTHETIC_WORD_LEN):
     if split not in ("train", "val", "test"):
         raise ValueError(f"synthetic split must be 'train', 'val' or 'test', got {split!r}")
     # a str seed is hashed with sha512 and random() is the one output Python promises never to change
-    stream = f"nanocpo-synthetic/{split}/{seed}" if word_len == SYNTHETIC_WORD_LEN else f"nanocpo-synthetic/{split}/{seed}/{word_len}"
-    rng = random.Random(stream)
+    variant = "" if word_len == SYNTHETIC_WORD_LEN else f"/{word_len}"  # the default's stream is as it always was
+    rng = random.Random(f"nanocpo-synthetic/{split}/{seed}{variant}")
     lo, hi = word_len
     ops, pairs = list(SYNTHETIC_OPS), []
     while len(pairs) < n:

@@ -236,10 +236,12 @@ def cpo_objective(cfg, policy, ref, examples, rt, micro_id):
                                     "tokens": ids.numel()}
 
 
-def logp_diagnostics(policy_logps, valid):
-    """Mean log pi_theta of the ground truths (column 0) and of the valid negatives: if both fall while the
-    margin grows, the loss is being won by pushing everything down (DPO's known failure), not by the truth."""
+def logp_diagnostics(policy_logps, valid=None):
+    """Mean log pi_theta of the ground truths (column 0) and of the valid negatives (all, without `valid`): if
+    both fall while the margin grows, the loss is being won by pushing everything down (DPO's known failure)."""
     lp = policy_logps.detach()  # (B, K)
+    if valid is None:
+        return {"logp_truth": lp[:, 0].mean(), "logp_negatives": lp[:, 1:].mean()}
     neg = valid[:, 1:]
     return {"logp_truth": lp[:, 0].mean(), "logp_negatives": (lp[:, 1:] * neg).sum() / neg.sum().clamp(min=1)}
 
@@ -260,8 +262,7 @@ def dpo_objective(cfg, policy, ref, examples, rt, micro_id):
     ids, mask = data.collate([e for pair in zip(examples, rejected) for e in pair], rt.pad_id)  # (2B, T)
     policy_logps, ref_logps = score_sequences(policy, ref, ids.view(len(examples), 2, -1), mask.view(len(examples), 2, -1), rt)
     loss, metrics = cpo.dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
-    return loss * len(examples), {**metrics, **logp_diagnostics(policy_logps, torch.ones_like(policy_logps, dtype=torch.bool)),
-                                  "tokens": ids.numel()}
+    return loss * len(examples), {**metrics, **logp_diagnostics(policy_logps), "tokens": ids.numel()}
 
 
 def pss_objective(cfg, policy, ref, examples, rt, micro_id):
@@ -449,13 +450,13 @@ def train(cfg):
             tok_s = tokens_since / dt
             tokens_since = 0
             eta = (time.time() - t_start) / (done - start) * (cfg.steps - done)
-            diag = dict(zip(DIAGNOSTICS, (x / cfg.batch_size for x in sums[1:])))
+            diag = dict(zip(DIAGNOSTICS, (x / cfg.batch_size for x in sums[1:]))) if ref is not None else {}
             extra = (f" | acc {diag['reward_accuracy']:.2f} margin {diag['reward_margin']:.2f} | log pi truth "
-                     f"{diag['logp_truth']:.2f} negatives {diag['logp_negatives']:.2f}") if ref is not None else ""
+                     f"{diag['logp_truth']:.2f} negatives {diag['logp_negatives']:.2f}") if diag else ""
             mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
             log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
             if master:
-                append_metrics(cfg.out_dir, {"step": done, "loss": loss, "lr": lr, **(diag if ref is not None else {})})
+                append_metrics(cfg.out_dir, {"step": done, "loss": loss, "lr": lr, **diag})
         if (master or shard) and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
             log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:

@@ -75,7 +75,7 @@ def test_mle_runs_log_no_contrastive_diagnostics(tmp_path, capsys):
     assert [set(r) for r in records] == [{"step", "loss", "lr"}] * 2
 
 
-@pytest.mark.parametrize("preset", ["study.py", "study_long.py", "study_final.py"])
+@pytest.mark.parametrize("preset", ["study.py", "study_long.py", "study_final.py", "study_long_2000.py"])
 def test_study_presets_run_at_tiny_scale(tmp_path, preset):
     out = tmp_path / "study"
     cmd = [sys.executable, "miniature.py", "--config", os.path.join(ROOT, "config", preset), "--scale", "tiny",
