@@ -1,9 +1,9 @@
 """
 The method in miniature: every method of the paper on the synthetic task, on a CPU, over seeds.
 
-    python miniature.py --out out/miniature        # config/miniature.py: 3 seeds, ~15-20 min on 2 CPU cores
+    python miniature.py --out out/miniature        # experiments/miniature.py: 3 seeds, ~15-20 min on 2 CPU cores
     python miniature.py --scale tiny --seeds 0     # the same at a smoke-test size (seconds)
-    python miniature.py --config config/study.py   # the "When does CPO help?" study (README), its own settings
+    python miniature.py --config experiments/study.py   # the "When does CPO help?" study (README), its own settings
 
 Per seed: the reference (MLE from scratch), its AN cache and DPO rejected answers; then from the reference,
 all for the same steps and batch: MLE continued, CPO with each negative type with and without ranking, DPO
@@ -48,7 +48,7 @@ SAMPLED = dict(evaluate.GREEDY, temperature=1.0, top_k=50)  # the paper's decodi
 
 
 def miniature_settings(path, scale):
-    """config/miniature.py -> (base config, {stage: overrides}, experiment settings), --scale applied."""
+    """experiments/miniature.py -> (base config, {stage: overrides}, experiment settings), --scale applied."""
     base, stages = train.load_preset(path)
     ns = runpy.run_path(path)
     experiment = dict(ns["experiment"])
@@ -255,7 +255,7 @@ def spread_cells(results, name, seeds):
 
 # ----------------------------------------------------------------------------- the experiment
 def miniature(args):
-    """Train, score and tabulate; see config/miniature.py for the sizes and the module docstring for the layout."""
+    """Train, score and tabulate; see experiments/miniature.py for the sizes and the module docstring for the layout."""
     base, stages, experiment = miniature_settings(args.config, args.scale)
     seeds = [int(s) for s in (args.seeds or experiment["seeds"]).split(",")]
     jobs = args.jobs or experiment["jobs"]
@@ -318,8 +318,8 @@ def miniature(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "miniature.py"),
-                   help="the experiment's preset (default: config/miniature.py)")
+    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "miniature.py"),
+                   help="the experiment's preset (default: experiments/miniature.py)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, 0,1,2)")
     p.add_argument("--out", default="out/miniature", help="folder of every run, the tables and the logs "
                    "(default: out/miniature)")

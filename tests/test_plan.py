@@ -15,8 +15,7 @@ from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "*.py"))
-                 if os.path.basename(p) not in ("paper.py", "default.py", "miniature.py")
-                 and not os.path.basename(p).startswith("study"))  # the study's presets run through miniature.py
+                 if os.path.basename(p) not in ("paper.py", "default.py"))
 GiB = 2**30
 
 

@@ -24,7 +24,7 @@ from test_train import ROOT, tiny_config
 from tokenizer import byte_tokenizer
 
 PRESETS = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "config")) if n.endswith(".py")
-                 and n not in ("paper.py", "default.py", "miniature.py") and not n.startswith("study"))  # miniature.py's
+                 and n not in ("paper.py", "default.py"))
 BN_PRESETS = [n for n in PRESETS if "bn" in shipped(n).negatives and shipped(n).objective == "cpo"]
 
 # ----------------------------------------------------------------------------- the presets say what the paper did

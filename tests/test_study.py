@@ -78,12 +78,12 @@ def test_mle_runs_log_no_contrastive_diagnostics(tmp_path, capsys):
 @pytest.mark.parametrize("preset", ["study.py", "study_long.py", "study_final.py", "study_long_2000.py"])
 def test_study_presets_run_at_tiny_scale(tmp_path, preset):
     out = tmp_path / "study"
-    cmd = [sys.executable, "miniature.py", "--config", os.path.join(ROOT, "config", preset), "--scale", "tiny",
+    cmd = [sys.executable, "miniature.py", "--config", os.path.join(ROOT, "experiments", preset), "--scale", "tiny",
            "--seeds", "0,1", "--jobs", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    _, stages, experiment = miniature.miniature_settings(os.path.join(ROOT, "config", preset), "tiny")
+    _, stages, experiment = miniature.miniature_settings(os.path.join(ROOT, "experiments", preset), "tiny")
     table = (out / "results.md").read_text()
     assert f"({experiment['split']} split)" in table  # val while choosing, test only for the final table
     for name in stages:

@@ -3,7 +3,7 @@
 # loss is still ~1.9 nats a letter. One run of 2000 steps of 32 from scratch (~20 CPU-minutes) passes that
 # point: its training loss falls from 1.4 at step 1000 to 0.3 at step 1700. One seed only, so no win/tie/loss:
 # a pointer for the next study, not a result of this one.
-#     python miniature.py --config config/study_long_2000.py --out out/study_long_2000
+#     python miniature.py --config experiments/study_long_2000.py --out out/study_long_2000
 import os
 import runpy
 

@@ -2,7 +2,7 @@
 # rule written down before the runs (the largest mean val exact-match gain over its same-budget MLE
 # baseline, where the reference's exact match is nonzero), run on fresh seeds 3-7 and scored on the
 # untouched test split, next to that baseline. Nothing else is run: the reference, the baseline, the choice.
-#     python miniature.py --config config/study_final.py --out out/study_final
+#     python miniature.py --config experiments/study_final.py --out out/study_final
 import os
 import runpy
 

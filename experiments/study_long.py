@@ -1,7 +1,7 @@
 # "When does CPO help?" (README), part 2, H4: the synthetic task with long answers (synthetic:long: words
 # of 20-40 letters, answers of ~16-80 letters, where one wrong or missing letter shifts all that follows).
-#     python miniature.py --config config/study_long.py --out out/study_long
-# Seeds 0-2, the val split, as config/study.py. The reference is the same 0.8M-parameter GPT-2 trained from
+#     python miniature.py --config experiments/study_long.py --out out/study_long
+# Seeds 0-2, the val split, as experiments/study.py. The reference is the same 0.8M-parameter GPT-2 trained from
 # scratch; its sequences are 2.7x longer, so it takes 500 steps of 32 (a CPU budget: ~5 min).
 import os
 import runpy

@@ -1,9 +1,9 @@
 # "When does CPO help?" (README), part 1: the built-in synthetic task. Run by
-#     python miniature.py --config config/study.py --out out/study
+#     python miniature.py --config experiments/study.py --out out/study
 # Every setting tried, on seeds 0-2, scored on the *val* split (test words, a stream of their own), never on
-# the test prompts. The reference is the miniature's (config/miniature.py), so its runs can be shared.
+# the test prompts. The reference is the miniature's (experiments/miniature.py), so its runs can be shared.
 # Each continued row names its hypothesis; `baselines` pairs it with MLE continued at the same steps, batch
-# and lr. Chosen setting: the largest mean val exact-match gain over its baseline (config/study_final.py).
+# and lr. Chosen setting: the largest mean val exact-match gain over its baseline (experiments/study_final.py).
 import os
 import runpy
 
