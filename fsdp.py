@@ -42,6 +42,11 @@ def shard(model, device):
     return model
 
 
+def is_sharded(model):
+    """Whether fully_shard wrapped this model (its forward then all-gathers, a collective)."""
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
 def grad_sync(policy, sync):
     """A context for one micro-step's forward and backward: gradients are reduced across ranks only when
     sync (the last micro-step). DDP must know before the forward (no_sync); FSDP2 before the backward."""

@@ -41,6 +41,7 @@ class Config:
     objective: str = opt("mle", "mle | cpo | dpo | pss")
     negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
     mn_model: str = opt("policy", "cpo: MN samples from 'policy' (pi_theta, as the paper's §3: the current weights, no grad; its samples change every step, so their log pi_ref is computed every step, never cached) or 'ref' (pi_ref: fixed samples per seed and example, scored once and cached; not the paper's)")
+    fixed_negatives: bool = opt(False, "cpo: draw each example's BN/MN/TN negatives once for the whole run (the same every epoch) instead of afresh each step, as the paper's expectation over negatives does; for comparison")
     ranked: bool = opt(False, "cpo: the ranked loss, eq. (2), ordering negatives by cosine similarity to the ground truth")
     shared_prompt: bool = opt(True, "cpo/dpo: run each prompt once for its K continuations (false: the naive path, every sequence whole)")
     beta: float = opt(5.0, "cpo/dpo: inverse temperature of the implicit reward")
@@ -84,13 +85,16 @@ class Config:
 
 # ----------------------------------------------------------------------------- config
 
-def load_preset(path):
-    """A preset is a Python file defining `config = dict(...)`, and optionally `stages` (see default.py)."""
+def load_preset(path, experiment=False):
+    """A preset is a Python file defining `config = dict(...)`, and optionally `stages` (see default.py).
+    An experiment (experiments/*.py) adds `experiment`: miniature.py reads it with experiment=True."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # presets import their shared settings (config/paper.py)
     try:
         ns = runpy.run_path(path)
     finally:
         sys.path.pop(0)
+    if "experiment" in ns and not experiment:  # experiments/*.py: several seeds and runs, which miniature.py drives
+        raise SystemExit(f"{path} is an experiment, not a train.py preset: run python miniature.py --config {path}")
     config, stages = ns.get("config", {}), ns.get("stages", {})
     for name, overrides in [("config", config), *stages.items()]:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}

@@ -44,7 +44,7 @@ import evaluate
 import fsdp
 import negatives
 import plan
-from checkpoint import barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint
+from checkpoint import all_ranks, barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint
 from common import cut_at_eos, write_atomic
 from hf import load, save_pretrained
 from settings import Config, load_preset, parse_args, validate_config
@@ -65,6 +65,7 @@ class Runtime:
     an_cache: dict | None = None  # example id -> AN negatives (negatives.load_an_cache)
     rejected: dict | None = None  # example id -> DPO's rejected Example (data.load_rejected)
     batch: list = field(default_factory=list)  # this step's whole global batch (Examples): BN's pool
+    step: int = 0  # the optimisation step being computed: it seeds the step's negatives
     shared_prompt: bool = True  # cpo/dpo: score (B, K, T) groups with the shared-prompt forward
 
 
@@ -180,10 +181,16 @@ def reference_logps(ref, ids, mask, cache, device, autocast, cacheable=None):
     fresh = [False] * len(keys) if cacheable is None else (~cacheable.flatten().bool()).tolist()
     stale = [fresh[j] or keys[j] not in cache for j in range(len(keys))]
     missing = [i for i in range(len(ids)) if any(stale[i * K:(i + 1) * K])]
+    run_forward = bool(missing)
+    if fsdp.is_sharded(ref):
+        # A sharded pi_ref all-gathers its weights inside the forward, a collective: every rank runs it or
+        # none does, whatever its own cache holds (one rank skipping it is a gloo abort, a NCCL hang).
+        run_forward = not all_ranks(not run_forward, device)
     scored = {}
-    if missing:
+    if run_forward:
+        rows = missing or [0]  # a rank with every row cached scores one anyway, only to join the all-gather
         with autocast:
-            scores = score(missing).float().flatten().tolist()
+            scores = score(rows).float().flatten().tolist()
         scored = dict(zip([i * K + j for i in missing for j in range(K)], scores))
         cache.update((keys[j], s) for j, s in scored.items() if stale[j] and not fresh[j])
     logps = [scored[j] if stale[j] else cache[k] for j, k in enumerate(keys)]
@@ -221,7 +228,7 @@ def score_sequences(policy, ref, ids, mask, rt, cacheable=None):
 def cpo_objective(cfg, policy, ref, examples, rt, micro_id):
     """Eq. (1), or eq. (2) with cfg.ranked: each ground truth against its K-1 synthetic negatives."""
     ids, mask, valid, kinds = cpo_batch(cfg, policy, ref, examples, rt)
-    cacheable = (kinds != 1 + negatives.KINDS.index("mn")) | (cfg.mn_model == "ref")  # policy MN: new every step
+    cacheable = reference_cacheable(kinds, cfg)
     policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, rt, cacheable)
     # An example all of whose negatives equal its ground truth (a good model's AN or MN samples of a short
     # answer can) has nothing to contrast: it sits out this step, adding zero to the summed loss.
@@ -246,11 +253,29 @@ def logp_diagnostics(policy_logps, valid=None):
     return {"logp_truth": lp[:, 0].mean(), "logp_negatives": (lp[:, 1:] * neg).sum() / neg.sum().clamp(min=1)}
 
 
+def negatives_generator(cfg, step):
+    """The stream a step's negatives are drawn from. The paper's loss is an expectation over negatives, so TN
+    cuts, MN positions and draws and BN picks are drawn afresh each step, from (seed, step) and, inside
+    build_cpo_batch, each example's id: the same for any world size and micro-batch split, and on --resume.
+    --fixed_negatives: one draw per example for the whole run (the same negatives every epoch)."""
+    return negatives.make_generator(cfg.seed) if cfg.fixed_negatives else negatives.make_generator(cfg.seed, "step", step)
+
+
+def reference_cacheable(kinds, cfg):
+    """(B, K) kinds -> (B, K) bool: which sequences' log pi_ref may be cached for the run, because they come
+    back. Ground truths (kind 0) and AN negatives read from the offline cache always; with fixed negatives
+    also BN, TN and MN from pi_ref. Negatives drawn afresh each step, and MN from the policy, would only
+    grow the cache."""
+    if cfg.fixed_negatives:
+        return (kinds != 1 + negatives.KINDS.index("mn")) | (cfg.mn_model == "ref")
+    return (kinds == 0) | ((kinds == 1 + negatives.KINDS.index("an")) & bool(cfg.an_cache))
+
+
 def cpo_batch(cfg, policy, ref, examples, rt):
     """-> (B, K, T) ids, masks, (B, K) valid, kinds. BN from the global batch rt.batch (negatives.batch_negatives)."""
     return negatives.build_cpo_batch(
         examples, cfg.negatives, ref, pad_id=rt.pad_id, eos_id=rt.eos_id,
-        generator=negatives.make_generator(cfg.seed),  # the same seed every step: fixed negatives
+        generator=negatives_generator(cfg, rt.step),
         an_cache=rt.an_cache, ranked=cfg.ranked, allow_fewer=True, return_kinds=True,
         bn_pool=[e.continuation_ids for e in rt.batch or examples],
         mn_model=unwrap(policy) if cfg.mn_model == "policy" else ref)  # column 0 the ground truth
@@ -427,6 +452,7 @@ def train(cfg):
         units = UNITS[cfg.objective](cfg, [train_set[i] for i in indices])  # examples or tokens in the global batch
         micro = [[train_set[i] for i in chunk] for chunk in data.micro_batches(indices, rank, world, cfg.micro_batch_size)]
         rt.batch = [train_set[i] for i in indices]  # BN's pool: the global batch, the same on every rank
+        rt.step = step
         if bn and (short := negatives.bn_shortfall([e.continuation_ids for e in rt.batch], bn)):
             log(f"step {step + 1}: {short} BN columns left invalid (the global batch repeats examples or answers)")
         try:

@@ -50,6 +50,7 @@ PAPER = {
     "dolly_llama3b_mixnr": (1000, SFT, "cpo", "bn:3,mn:5,tn:3", True),
     "dolly_llama3b_mixn": (1000, SFT, "cpo", "bn:3,mn:5,tn:3", False),
     "dolly_llama3b_sft1000": (1000, "openlm-research/open_llama_3b", "mle", None, None),
+    "dolly_llama3b_mle200": (200, SFT1000, "mle", None, None),
     "dolly_llama3b_bnr4": (200, SFT1000, "cpo", "bn:4", True),
     "dolly_llama3b_tnr4": (200, SFT1000, "cpo", "tn:4", True),
     "dolly_llama3b_mnr4": (200, SFT1000, "cpo", "mn:4", True),
