@@ -169,6 +169,27 @@ def dolly_prompt(instruction, context=""):
     return f"### Instruction:\n{instruction.strip()}\n\n### Response:\n"
 
 
+def dolly_query(instruction, context=""):
+    """A Dolly row as a person asks a chatbot, the query the judge sees (the paper's templates): the
+    instruction, then its context when it has one, as plain text, without the training template."""
+    if context.strip():
+        return f"{instruction.strip()}\n\n{context.strip()}"
+    return instruction.strip()
+
+
+def judge_query(prompt):
+    """The text the judge is asked about for an Example's prompt: one dolly_prompt wrote becomes the
+    dolly_query of its instruction and context; any other prompt (a Wiki prefix, your own jsonl's prompt)
+    is returned as it is. Read back from the prompt, so generations files of any age are judged alike."""
+    head, tail = "### Instruction:\n", "\n\n### Response:\n"
+    if not (prompt.startswith(head) and prompt.endswith(tail)):
+        return prompt
+    instruction, _, context = prompt[len(head):-len(tail)].partition("\n\n### Context:\n")
+    if dolly_prompt(instruction, context) != prompt:  # only the template's own shape is unformatted
+        return prompt
+    return dolly_query(instruction, context)
+
+
 def load_dolly(source, tokenizer, split, max_len, cache_dir=None):
     """databricks-dolly-15k rows {"instruction", "context", "response", "category"}; id "dolly-<row>"
     (row = 0-based index among the file's rows, as on the hub). "context" may be absent; the response is

@@ -267,17 +267,17 @@ def cache_path(args):
 
 def client_settings(args):
     """judge.ask_all's keyword arguments from the command line; the key from the environment only."""
-    return dict(cache_path=cache_path(args),
-                url=args.judge_url, model=args.judge_model, api_key=judge.api_key_from_env(args.api_key_env),
-                workers=args.workers, max_tokens=args.max_tokens, temperature=args.temperature, timeout=args.timeout,
-                max_retries=args.max_retries, backoff=args.backoff)
+    return dict(cache_path=cache_path(args), url=args.judge_url, model=args.judge_model,
+                api_key=judge.api_key_from_env(args.api_key_env), workers=args.workers, max_tokens=args.max_tokens,
+                temperature=args.temperature, timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff)
 
 
 def judge_cmd(args):
-    """Win rate of the generations against their references, both orders, from cache where possible."""
+    """Win rate against the references, both orders, cached; the judge sees data.judge_query of each prompt."""
     refuse_same_paths(**{"--generations": args.generations, "--out": args.out, "--cache": cache_path(args),
                          "--out's summary": args.out + ".summary.json"})
     rows = read_jsonl(args.generations, check=judge.check_generation)
+    rows = [{"query": data.judge_query(r["prompt"]), **r} for r in rows]  # a row's own "query" wins
     records, summary = judge.judge_generations(rows, args.task, **client_settings(args))
     write_jsonl_atomic(args.out, records)
     summary.update(generations=args.generations, config=rows[0].get("config") if rows else None)
@@ -295,7 +295,7 @@ def dpo_negatives_cmd(args):
         refuse_same_paths(**{"--out": args.out, "--cache": cache_path(args)})
         tok = tokenizer.load_tokenizer(args.tokenizer)
         rows = [vars(e) for e in data.load_task(args.task, args.split, tok, args.max_len)]
-    out = judge.dpo_rejected(rows, **client_settings(args))
+    out = judge.dpo_rejected([{"query": data.judge_query(r["prompt"]), **r} for r in rows], **client_settings(args))
     write_jsonl_atomic(args.out, out)
     empty = len(rows) - len(out)
     log(f"dpo-negatives: wrote {len(out)} rejected responses to {args.out}"
@@ -484,7 +484,7 @@ def main(argv=None):
                     help="sample within the smallest set of mass p (nucleus), 0 < p <= 1")
     sp.add_argument("--num-beams", type=number(int, 1), default=1, help="> 1: beam search (sampling flags ignored)")
     sp.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob sum / length ** this")
-    sp.add_argument("--device", default="cpu", help="e.g. cuda")
+    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="e.g. cpu, cuda:1")
     sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights dtype; auto = the checkpoint's")
     sp.set_defaults(func=generate)

@@ -13,6 +13,11 @@ Standard library and `requests` only, so this file can be copied into another pr
 
 (`python evaluate.py judge` and `evaluate.py dpo-negatives` do the same from files.)
 
+The query. A row's "prompt" is what the judge is shown as the Query (or Prefix, or Instruction), unless the
+row also has a "query", which is then shown instead. The paper asks about the question as a person would
+put it to a chatbot: for a model trained on a prompt template (nanoCPO's "### Instruction: ... ### Response:"),
+give the plain instruction (and its context) as "query"; evaluate.py does so with data.judge_query.
+
 Judging (the paper's templates, verbatim). Every pair is asked in both orders, the model's generation as
 A and then as B, against the ground truth. A pair is a win when both answers pick the model, a loss when
 both pick the ground truth, a tie when they split (position bias), and invalid when either answer does
@@ -105,24 +110,30 @@ def summarize(verdicts, choices_model_as_a):
 
 
 def check_generation(row, where):
-    """A row judge_generations can use (read_jsonl's check): an id and the three texts as strings; a null
-    generation would otherwise be judged as the text "None". ValueError naming `where`."""
+    """A row judge_generations can use (read_jsonl's check): an id and the three texts as strings (and the
+    query, when there is one); a null generation would otherwise be judged as the text "None". ValueError
+    naming `where`."""
     if not isinstance(row, dict) or "id" not in row:
         raise ValueError(f"{where}: expected an object with an id, got {str(row)[:80]}")
-    for field in ("prompt", "reference", "generation"):
+    for field in ("prompt", "reference", "generation", *(("query",) if "query" in row else ())):
         if not isinstance(row.get(field), str):
             raise ValueError(f"{where}: {field!r} must be a string, got {json.dumps(row.get(field))[:80]}")
 
 
+def query_of(row):
+    """What the judge is asked about: the row's "query" when it has one, else its "prompt"."""
+    return row.get("query", row["prompt"])
+
+
 def judge_generations(rows, task, cache_path, **client):
-    """Rows {"id", "prompt", "reference", "generation"} -> (one record per row {"id", "verdict",
+    """Rows {"id", "prompt", "reference", "generation"[, "query"]} -> (one record per row {"id", "verdict",
     "reply_model_as_a", "reply_model_as_b"}, summarize's dict). client: ask_all's keyword arguments."""
     template = JUDGE_TEMPLATES[task]
     prompts = []
     for i, r in enumerate(rows):
         check_generation(r, f"row {i}")
-        prompts.append(template.format(r["prompt"], r["generation"], r["reference"]))  # model is A
-        prompts.append(template.format(r["prompt"], r["reference"], r["generation"]))  # model is B
+        prompts.append(template.format(query_of(r), r["generation"], r["reference"]))  # model is A
+        prompts.append(template.format(query_of(r), r["reference"], r["generation"]))  # model is B
     replies = ask_all(prompts, cache_path, **client)
     choices = [parse_choice(r) for r in replies]
     records = [{"id": r["id"], "verdict": pair_verdict(choices[2 * i], choices[2 * i + 1]),
@@ -142,9 +153,9 @@ def first_invalid(replies, choices, n=5, width=200):
 
 
 def dpo_rejected(rows, cache_path, **client):
-    """The paper's DPO baseline: rows {"id", "prompt", "response"} -> [{"id", "rejected"}], the judge model's
-    unhelpful response to each, stripped; empty replies are left out."""
-    replies = ask_all([DPO_NEGATIVE_TEMPLATE.format(r["prompt"], r["response"]) for r in rows], cache_path, **client)
+    """The paper's DPO baseline: rows {"id", "prompt", "response"[, "query"]} -> [{"id", "rejected"}], the judge
+    model's unhelpful response to each (asked about query_of(row)), stripped; empty replies are left out."""
+    replies = ask_all([DPO_NEGATIVE_TEMPLATE.format(query_of(r), r["response"]) for r in rows], cache_path, **client)
     return [{"id": r["id"], "rejected": reply.strip()} for r, reply in zip(rows, replies) if reply.strip()]
 
 
