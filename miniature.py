@@ -19,6 +19,12 @@ model), alpha.md and alpha.svg, logp_truth.svg and logp_negatives.svg (the logge
 the step), results.json (every run's scores, logged curve and changed share). A run with a final/ is not
 trained again and a model with scores.json is not scored again, so a rerun after an interruption continues
 where it stopped.
+
+An experiment with exposure=True (experiments/h4_*.py) also measures exposure bias (exposure.py) on the same
+prompts and greedy answers: per model in exposure.json beside its scores.json (the ensembles':
+seed<S>/alpha/exposure_<run>@<a>.json); in results.md its table by answer position and the paired per-seed
+comparison with MLE continued; exposure.svg and exposure_gap.svg. A model scored before the measure existed
+is decoded again for it alone, so a rerun adds it to a finished experiment without training anything.
 """
 import argparse
 import contextlib
@@ -36,6 +42,7 @@ import torch
 
 import data
 import evaluate
+import exposure
 import hf
 import mauve
 import negatives
@@ -49,7 +56,7 @@ SAMPLED = dict(evaluate.GREEDY, temperature=1.0, top_k=50)  # the paper's decodi
 
 def miniature_settings(path, scale):
     """experiments/miniature.py -> (base config, {stage: overrides}, experiment settings), --scale applied."""
-    base, stages = train.load_preset(path)
+    base, stages = train.load_preset(path, experiment=True)
     ns = runpy.run_path(path)
     experiment = dict(ns["experiment"])
     if scale == "tiny":
@@ -67,29 +74,44 @@ def miniature_examples(base, seed, n_eval, split="test"):
     return data.load_task(base["task"], split, tokenizer.byte_tokenizer(), base["max_len"], n=n_eval, seed=seed)
 
 
-def miniature_score(model_dir, ref_dir, examples, out_path, task="synthetic", seed=0):
+def miniature_score(model_dir, ref_dir, examples, out_path, task="synthetic", seed=0, exposure_path=None):
     """Greedy decoding on the held-out prompts -> the exact metrics (data.score_synthetic) and MAUVE between
     the generated and the ground-truth continuations, featurized (prompt + continuation, the last token's
     final hidden state) by the seed's reference model: the cheap stand-in for gpt2-large's features. And
     the exact metrics of one top-k 50 sample per prompt (sampled_*: what greedy decoding may hide).
-    out_path (beside the model, never inside it: interpolate copies a model folder's files) caches the result."""
-    if os.path.isfile(out_path):
-        with open(out_path) as f:
-            return json.load(f)
+    exposure_path: also exposure.exposure_bias on the same greedy answers. out_path and exposure_path (beside
+    the model, never inside it: interpolate copies a model folder's files) cache each result, so a model
+    scored before the measure existed is only decoded again for it. -> (scores, measure or None)."""
+    scores, measure = read_cached(out_path), read_cached(exposure_path)
+    if scores is not None and (not exposure_path or measure is not None):
+        return scores, measure
     net, tok = hf.load(model_dir)
     net.eval()
     n_new, truths = data.synthetic_max_new_tokens(task), [e.continuation_ids for e in examples]
     gens = evaluate.greedy_continuations(net, tok, examples, n_new, batch_size=64)
-    scores = data.score_synthetic(gens, truths, tok.eos_id)
-    generator = negatives.make_generator(seed, "miniature-sampled")  # the same draws for every model of a seed
-    sampled = [g for s in range(0, len(examples), 64) for g in evaluate.generate_batch(
-        net, tok, [e.prompt_ids for e in examples[s:s + 64]], n_new, SAMPLED, generator)]
-    scores.update({f"sampled_{k}": v for k, v in data.score_synthetic(sampled, truths, tok.eos_id).items()})
-    texts = [e.prompt + evaluate.new_text(tok, g) for e, g in zip(examples, gens)] + [e.prompt + e.response for e in examples]
-    feats = evaluate.featurize(texts, ref_dir, batch_size=128)
-    scores["mauve"] = mauve.compute_mauve(feats[:len(examples)], feats[len(examples):])
-    write_atomic(out_path, json.dumps(scores))
-    return scores
+    if exposure_path and measure is None:
+        measure = exposure.exposure_bias(net, tok, examples, gens)
+        write_atomic(exposure_path, json.dumps(measure))
+    if scores is None:
+        scores = data.score_synthetic(gens, truths, tok.eos_id)
+        generator = negatives.make_generator(seed, "miniature-sampled")  # the same draws for every model of a seed
+        sampled = [g for s in range(0, len(examples), 64) for g in evaluate.generate_batch(
+            net, tok, [e.prompt_ids for e in examples[s:s + 64]], n_new, SAMPLED, generator)]
+        scores.update({f"sampled_{k}": v for k, v in data.score_synthetic(sampled, truths, tok.eos_id).items()})
+        texts = [e.prompt + evaluate.new_text(tok, g) for e, g in zip(examples, gens)]
+        texts += [e.prompt + e.response for e in examples]
+        feats = evaluate.featurize(texts, ref_dir, batch_size=128)
+        scores["mauve"] = mauve.compute_mauve(feats[:len(examples)], feats[len(examples):])
+        write_atomic(out_path, json.dumps(scores))
+    return scores, measure
+
+
+def read_cached(path):
+    """A cached JSON result, or None when there is none (or no path)."""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_seed_inputs(final, seed_dir, seed, base, stages, experiment):
@@ -123,7 +145,7 @@ def miniature_task(kind, seed, name, out, base, stages, experiment, threads):
             contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf):
         if kind == "alpha":
             best, alpha = name.split("@")
-            final = evaluate.interpolate_folder(os.path.join(seed_dir, "mle", "final"),
+            final = evaluate.interpolate_folder(os.path.join(seed_dir, mle_baseline(best, experiment), "final"),
                                                 os.path.join(seed_dir, best, "final"), float(alpha),
                                                 os.path.join(run_dir, f"alpha_{float(alpha):g}"))
         else:
@@ -139,9 +161,18 @@ def miniature_task(kind, seed, name, out, base, stages, experiment, threads):
             if name == "ref":
                 write_seed_inputs(final, seed_dir, seed, base, stages, experiment)
         examples = miniature_examples(base, seed, experiment["n_eval"], experiment.get("split", "test"))
-        scores = miniature_score(final, ref_final, examples, os.path.join(run_dir, f"scores_{name}.json" if kind == "alpha"
-                                 else "scores.json"), base["task"], seed)
-    return seed, name, {**scores, **run_diagnostics(run_dir if kind != "alpha" else "")}, time.time() - t0
+        suffix = f"_{name}" if kind == "alpha" else ""  # the ensembles share seed<S>/alpha/
+        exposure_path = os.path.join(run_dir, f"exposure{suffix}.json") if experiment.get("exposure") else None
+        scores, measure = miniature_score(final, ref_final, examples, os.path.join(run_dir, f"scores{suffix}.json"),
+                                          base["task"], seed, exposure_path)
+    result = {**scores, **run_diagnostics(run_dir if kind != "alpha" else "")}
+    return seed, name, {**result, "exposure": measure} if measure else result, time.time() - t0
+
+
+def mle_baseline(name, experiment):
+    """The MLE continued run that a run is judged against, and that an ensemble "<cpo run>@<alpha>" mixes
+    in: the one the experiment's baselines name for the (CPO) run, else "mle"."""
+    return experiment.get("baselines", {}).get(name.split("@")[0], "mle")
 
 
 def run_diagnostics(run_dir):
@@ -229,10 +260,10 @@ def diagnostics_table(results, names, seeds):
     return "\n".join(lines)
 
 
-def alpha_table(results, best, alphas, seeds):
+def alpha_table(results, best, alphas, seeds, mle="mle"):
     """Markdown: the alpha sweep of the best CPO variant, one row per alpha, then MLE continued (alpha 1)."""
     lines = ["| alpha (weight of MLE) | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for label, name in [(f"{a:g}", f"{best}@{a:g}") for a in alphas] + [("1 (MLE continued)", "mle")]:
+    for label, name in [(f"{a:g}", f"{best}@{a:g}") for a in alphas] + [("1 (MLE continued)", mle)]:
         lines.append(f"| {label} | " + " | ".join(spread_cells(results, name, seeds)) + " |")
     return "\n".join(lines)
 
@@ -251,6 +282,108 @@ def curves_chart(path, results, names, seeds, key, ylabel):
 def spread_cells(results, name, seeds):
     """One run name's metrics as 'mean ± std' over seeds, in METRICS order."""
     return [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, name)][k] for s in seeds]) for k in METRICS)]
+
+
+# ----------------------------------------------------------------------------- exposure bias
+# the paired comparison's rows: (label, the value in one run's results, whether higher is better)
+PAIRED = [(k, lambda r, k=k: r[k], True) for k in ("exact_match", "mauve", "sampled_exact_match")] + [
+    ("exposure gap", lambda r: r["exposure"]["overall"]["gap"], False),
+    ("FR token accuracy", lambda r: r["exposure"]["overall"]["fr"], True),
+    ("TF token accuracy", lambda r: r["exposure"]["overall"]["tf"], True)]
+
+
+def exposure_table(results, names, seeds):
+    """Markdown: per run, teacher-forced (TF) and free-running (FR) token accuracy and their gap by position
+    bucket and overall (every answer position pooled), mean ± std over seeds; '-' where some seed's answers
+    never reach the bucket."""
+    columns = list(exposure.BUCKETS) + ["overall"]
+    lines = ["| run | | " + " | ".join(f"pos. {c}" for c in columns[:-1]) + " | overall |",
+             "|---|---|" + "---|" * len(columns)]
+    for name in names:
+        measures = [results[(s, name)]["exposure"] for s in seeds]
+        for key, label in (("tf", "TF"), ("fr", "FR"), ("gap", "gap")):
+            parts = [[m["overall"] if c == "overall" else m["buckets"][c] for m in measures] for c in columns]
+            cells = ["-" if None in p else "{:.3f} ± {:.3f}".format(*mean_spread([x[key] for x in p]))
+                     for p in parts]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_verdict(values, baseline, higher_is_better=True):
+    """The pre-registered paired rule: the per-seed differences (same seed, same reference); win or loss
+    when the size of their mean exceeds their standard deviation, else tie; '?' with one seed.
+    -> (differences, mean, std, verdict)."""
+    differences = [float(v - b) for v, b in zip(values, baseline)]
+    m, sd = mean_spread(differences)
+    if len(differences) < 2:
+        return differences, m, sd, "?"
+    return differences, m, sd, "tie" if abs(m) <= sd else "win" if (m > 0) == higher_is_better else "loss"
+
+
+def paired_table(results, names, seeds, experiment):
+    """Markdown: each run against its MLE continued baseline, per metric of PAIRED: the per-seed differences,
+    their mean ± std, the seeds above / below / level with the baseline, the paired verdict and the unpaired
+    one (verdict's rule). For the gap, lower is better: a win is a smaller gap."""
+    lines = ["| run | vs | metric | per-seed differences | mean ± std | seeds above / below / level | paired | "
+             "unpaired |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        base = mle_baseline(name, experiment)
+        for label, value, higher in PAIRED:
+            ours, theirs = [value(results[(s, name)]) for s in seeds], [value(results[(s, base)]) for s in seeds]
+            differences, m, sd, paired = paired_verdict(ours, theirs, higher)
+            sign = 1 if higher else -1  # verdict() calls the larger mean a win
+            unpaired = verdict([sign * v for v in ours], [sign * v for v in theirs])
+            sides = f"{sum(d > 0 for d in differences)} / {sum(d < 0 for d in differences)} / " \
+                    f"{sum(d == 0 for d in differences)}"
+            lines.append(f"| {name} | {base} | {label} | {', '.join(f'{d:+.3f}' for d in differences)} | "
+                         f"{m:+.3f} ± {sd:.3f} | {sides} | {paired} | {unpaired} |")
+    return "\n".join(lines)
+
+
+def exposure_charts(out, results, runs, seeds):
+    """exposure.svg: TF and FR against the answer position, exposure_gap.svg: their gap, for runs {label:
+    name} (ref, MLE, CPO), means over seeds, up to the last position every seed's answers reach."""
+    positions = {label: [results[(s, name)]["exposure"]["positions"] for s in seeds]
+                 for label, name in runs.items()}
+    reach = {label: min(len(p["n"]) for p in ps) for label, ps in positions.items()}
+
+    def curve(label, key):
+        return [(i, float(np.mean([p[key][i] for p in positions[label]]))) for i in range(reach[label])]
+
+    seeds_text = f"mean over seeds {', '.join(map(str, seeds))}"
+    evaluate.svg_chart(os.path.join(out, "exposure.svg"),
+                       {f"{label} {key.upper()}": curve(label, key) for label in runs for key in ("tf", "fr")},
+                       "position in the answer", "token accuracy",
+                       f"teacher-forced (TF), free-running (FR), {seeds_text}")
+    evaluate.svg_chart(os.path.join(out, "exposure_gap.svg"), {label: curve(label, "gap") for label in runs},
+                       "position in the answer", "gap TF - FR", f"exposure-bias gap by position, {seeds_text}")
+
+
+def seed_gaps_table(results, name, seeds):
+    """Markdown: one run's gap by position bucket, seed by seed (E1 asks for the reference's on every seed)."""
+    lines = ["| seed | " + " | ".join(f"pos. {c}" for c in exposure.BUCKETS) + " | overall |",
+             "|---|" + "---|" * (len(exposure.BUCKETS) + 1)]
+    for s in seeds:
+        m = results[(s, name)]["exposure"]
+        cells = ["-" if b is None else f"{b['gap']:.3f}" for b in [*m["buckets"].values(), m["overall"]]]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def exposure_report(out, results, names, seeds, experiment, best):
+    """The exposure-bias section of results.md (its tables) and its two SVGs in `out`."""
+    compared = [n for n in names if n != "ref" and not n.startswith("mle")]
+    runs = {"ref": "ref", **({"MLE": mle_baseline(best, experiment), "CPO": best} if best else {})}
+    exposure_charts(out, results, runs, seeds)
+    charts = ", ".join(f"{label} = {name}" for label, name in runs.items())
+    return ("Exposure bias (docs/exposure_bias.md): teacher-forced (TF) and free-running (FR) token accuracy "
+            "by position in the answer (0 = its first token), mean ± std over seeds; overall: every (answer, "
+            f"position) pair pooled.\n\n{exposure_table(results, names, seeds)}\n\n"
+            f"The reference's gap, seed by seed:\n\n{seed_gaps_table(results, 'ref', seeds)}\n\n"
+            "Paired per seed against MLE continued (win/loss: the size of the mean difference exceeds the std of "
+            "the differences; unpaired: the difference of means exceeds the larger of the two stds; for the gap "
+            f"a win is a smaller gap):\n\n{paired_table(results, compared, seeds, experiment)}\n\n"
+            f"exposure.svg (TF and FR by position) and exposure_gap.svg (the gap): {charts}.")
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -276,8 +409,9 @@ def miniature(args):
         results[(seed, name)] = scores
         done = len(results)
         eta = (time.time() - t0) / done * (total - done)
+        gap = f", exposure gap {scores['exposure']['overall']['gap']:.3f}" if "exposure" in scores else ""
         log(f"[{done}/{total}] seed {seed} {name}: exact match {scores['exact_match']:.3f}, correct stop "
-            f"{scores['correct_stop']:.3f}, MAUVE {scores['mauve']:.3f} ({secs:.0f}s; elapsed "
+            f"{scores['correct_stop']:.3f}, MAUVE {scores['mauve']:.3f}{gap} ({secs:.0f}s; elapsed "
             f"{(time.time() - t0) / 60:.1f} min, ETA at this pace {eta / 60:.1f} min)")
         return [("run", seed, n) for n in continued] if name == "ref" else []
 
@@ -297,6 +431,10 @@ def miniature(args):
     table = results_table(results, ["ref"] + continued, seeds, experiment.get("baselines"))
     table += "\n\nWhat the contrastive runs did to the model (means over seeds):\n\n" + diagnostics_table(results, continued, seeds)
     os.makedirs(args.out, exist_ok=True)
+    if experiment.get("exposure"):
+        ensembles = [f"{best}@{a:g}" for a in alphas] if best else []
+        names = ["ref"] + continued + ensembles
+        table += "\n\n" + exposure_report(args.out, results, names, seeds, experiment, best)
     write_atomic(os.path.join(args.out, "results.md"), header + "\n\n" + table + "\n")
     write_atomic(os.path.join(args.out, "results.json"),
                  json.dumps({f"{s}/{n}": r for (s, n), r in results.items()}, indent=1))
@@ -305,7 +443,7 @@ def miniature(args):
     print(header + "\n\n" + table, flush=True)
     alphas_md = ""
     if alphas and best:
-        alphas_md = alpha_table(results, best, alphas, seeds)
+        alphas_md = alpha_table(results, best, alphas, seeds, mle_baseline(best, experiment))
         alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
         write_atomic(os.path.join(args.out, "alpha.md"), alpha_header + "\n\n" + alphas_md + "\n")
         sweep = [(a, *mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds])) for a in alphas]

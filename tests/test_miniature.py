@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import data
 import miniature
 import tokenizer
@@ -42,6 +44,23 @@ def test_verdict_needs_a_difference_beyond_the_spread():
     assert miniature.verdict([0.1, 0.2, 0.3], [0.5, 0.6, 0.7]) == "loss"
     assert miniature.verdict([0.30, 0.50, 0.70], [0.3, 0.4, 0.5]) == "tie"  # 0.1 apart, std 0.2
     assert miniature.verdict([0.5], [0.1]) == "?"  # one seed: no spread to compare with
+
+
+def test_paired_verdict_compares_seed_by_seed():
+    # every seed 0.1 above its baseline: a win, though the seeds' spread (0.2) hides it from the unpaired rule
+    differences, mean, std, paired = miniature.paired_verdict([0.4, 0.6, 0.8], [0.3, 0.5, 0.7])
+    assert differences == pytest.approx([0.1] * 3) and mean == pytest.approx(0.1) and paired == "win"
+    assert miniature.verdict([0.4, 0.6, 0.8], [0.3, 0.5, 0.7]) == "tie"
+    assert miniature.paired_verdict([0.4, 0.6, 0.8], [0.3, 0.5, 0.7], higher_is_better=False)[3] == "loss"  # a gap
+    assert miniature.paired_verdict([0.4, 0.5, 0.9], [0.3, 0.6, 0.7])[3] == "tie"  # +0.1, -0.1, +0.2
+    assert miniature.paired_verdict([0.5], [0.1])[3] == "?"
+
+
+def test_ensembles_mix_the_mle_run_their_cpo_run_is_judged_against():
+    experiment = {"baselines": {"cpo_an_200_lr5e_5_alpha30": "mle_200_lr5e_5"}}
+    assert miniature.mle_baseline("cpo_an_200_lr5e_5_alpha30@0.5", experiment) == "mle_200_lr5e_5"
+    assert miniature.mle_baseline("cpo_an_200_lr5e_5_alpha30", experiment) == "mle_200_lr5e_5"
+    assert miniature.mle_baseline("cpo_an@0.9", {}) == "mle"  # the miniature's own runs
 
 
 def test_synthetic_rejected_is_always_wrong():

@@ -1,6 +1,7 @@
 """The "When does CPO help?" study (README): its val split and long-answer task, the diagnostics every
 CPO/DPO run logs, and the study's presets run end to end at --scale tiny (only the model, step and example
-counts are swapped: every setting of the grid runs as written)."""
+counts are swapped: every setting of the grid runs as written); H4's too, with the exposure-bias measure
+(docs/exposure_bias.md) written per model, tabulated and charted, and added by a rerun without retraining."""
 import json
 import os
 import subprocess
@@ -75,7 +76,8 @@ def test_mle_runs_log_no_contrastive_diagnostics(tmp_path, capsys):
     assert [set(r) for r in records] == [{"step", "loss", "lr"}] * 2
 
 
-@pytest.mark.parametrize("preset", ["study.py", "study_long.py", "study_final.py", "study_long_2000.py"])
+@pytest.mark.parametrize("preset", ["study.py", "study_long.py", "study_final.py", "study_long_2000.py",
+                                    "h4_long.py", "h4_short.py"])
 def test_study_presets_run_at_tiny_scale(tmp_path, preset):
     out = tmp_path / "study"
     cmd = [sys.executable, "miniature.py", "--config", os.path.join(ROOT, "experiments", preset), "--scale", "tiny",
@@ -84,6 +86,8 @@ def test_study_presets_run_at_tiny_scale(tmp_path, preset):
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     _, stages, experiment = miniature.miniature_settings(os.path.join(ROOT, "experiments", preset), "tiny")
+    # the ensembles of the (one) CPO run with its MLE baseline: H4's presets have them, the study's do not
+    ensembles = [f"{n}@{a}" for n in stages if n.startswith("cpo") for a in experiment["alphas"].split(",") if a]
     table = (out / "results.md").read_text()
     assert f"({experiment['split']} split)" in table  # val while choosing, test only for the final table
     for name in stages:
@@ -91,12 +95,56 @@ def test_study_presets_run_at_tiny_scale(tmp_path, preset):
         if name.startswith("cpo"):  # judged against MLE with the same steps and lr
             assert f"| {experiment['baselines'][name]} |" in row
     results = json.loads((out / "results.json").read_text())
-    assert {f"{s}/{n}" for s in (0, 1) for n in stages} == set(results)
+    assert {f"{s}/{n}" for s in (0, 1) for n in [*stages, *ensembles]} == set(results)
     for key, r in results.items():
         assert 0 <= r["sampled_exact_match"] <= 1
-        if "/cpo" in key:
+        if "/cpo" in key and "@" not in key:  # a trained CPO run, not an ensemble
             assert r["curve"][0]["step"] == 1 and "logp_negatives" in r["curve"][-1] and "changed_vs_ref" in r
-    assert not (out / "alpha.md").exists()  # the study has no ensemble sweep
+    assert (out / "alpha.md").exists() == bool(ensembles)  # the study has no ensemble sweep
+    if experiment.get("exposure"):
+        check_exposure_outputs(out, stages, ensembles, experiment, run.stdout)
+    if preset == "h4_short.py":  # a rerun on a folder scored before the measure existed only adds the measure
+        rerun_adds_only_the_exposure_files(out, cmd, env)
     if preset == "study.py":  # H3's cache: the reference sampled at temperature 0.5, beside the T = 1 one
         meta = json.loads((out / "seed0" / "an_t0.5" / "meta.json").read_text())
         assert meta["temperature"] == 0.5 and "temperature" not in json.loads((out / "seed0" / "an" / "meta.json").read_text())
+
+
+def exposure_files(out):
+    return sorted(out.glob("seed*/*/exposure.json")) + sorted(out.glob("seed*/alpha/exposure_*.json"))
+
+
+def check_exposure_outputs(out, stages, ensembles, experiment, stdout):
+    """H4's presets: every model of both seeds has its exposure-bias measure, cached beside its scores, in
+    results.json, in results.md's bucket table and paired comparison (printed too), and exposure.svg."""
+    assert len(exposure_files(out)) == 2 * (len(stages) + len(ensembles))
+    for path in out.glob("seed*/alpha/exposure_*.json"):  # the ensembles': beside scores_<run>@<alpha>.json
+        assert path.with_name(path.name.replace("exposure_", "scores_")).exists()
+    results = json.loads((out / "results.json").read_text())
+    for r in results.values():
+        overall = r["exposure"]["overall"]
+        assert overall["gap"] == pytest.approx(overall["tf"] - overall["fr"])
+        assert r["exposure"]["buckets"]["0"]["gap"] == 0  # both see the prompt alone
+    table = (out / "results.md").read_text()
+    baseline = experiment["baselines"][next(n for n in stages if n.startswith("cpo"))]
+    for name in [*stages, *ensembles]:
+        assert f"| {name} | gap | 0.000 ± 0.000 |" in table and f"| {name} | gap |" in stdout
+        if name != "ref" and name != baseline:
+            for metric in ("exact_match", "exposure gap", "FR token accuracy"):
+                assert f"| {name} | {baseline} | {metric} |" in table
+    assert (out / "exposure.svg").read_text().startswith("<svg") and "ref TF" in (out / "exposure.svg").read_text()
+
+
+def rerun_adds_only_the_exposure_files(out, cmd, env):
+    kept = sorted(out.glob("seed*/*/final/model.safetensors")) + sorted(out.glob("seed*/*/scores.json")) \
+        + sorted(out.glob("seed*/alpha/scores_*.json"))
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    before = json.loads((out / "results.json").read_text())
+    for path in exposure_files(out) + [out / "exposure.svg"]:
+        path.unlink()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in kept] == stamps
+    after = json.loads((out / "results.json").read_text())
+    assert {k: r["exposure"] for k, r in after.items()} == {k: r["exposure"] for k, r in before.items()}
+    assert (out / "exposure.svg").exists()
