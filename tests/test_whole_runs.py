@@ -150,3 +150,25 @@ def test_a_steps_negatives_are_the_same_for_any_world_size_and_micro_batch(tiny_
     assert len(by_split[(1, 1)]) == len(batch)
     for split, got in by_split.items():
         assert got == by_split[(1, 1)], f"world size, micro-batch {split}: other negatives"
+
+
+# ----------------------------------------------------------------------------- --compile over a whole run
+
+def test_a_three_epoch_compiled_cpo_run_compiles_a_few_graphs(tmp_path, caplog):
+    """Every batch brings new lengths; dynamo marks the changing dims dynamic after the first recompile, so a
+    run compiles a couple of graphs, not one per batch (a frame past the recompile limit runs eagerly from
+    then on: a silent loss of the speed --compile was for)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = train.Config(**{**BASE, "init_from": "scratch", "n_layer": 1, "n_head": 2, "n_embd": 32, "micro_batch_size": 2,
+                          "objective": "cpo", "negatives": "bn:1,mn:1,tn:1", "ranked": True, "compile": True,
+                          "out_dir": str(tmp_path / "run")})
+    with caplog.at_level("WARNING"):
+        train.train(cfg)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 4, f"{graphs} graphs compiled for {cfg.steps} steps"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert "recompile_limit" not in caplog.text and "cache_size_limit" not in caplog.text
+    torch._dynamo.reset()
