@@ -1,7 +1,8 @@
 """
-The small things every other file needs, each in one place: logging, reading and writing files so that a
+The small things the other files need, each in one place: logging, reading and writing files so that a
 crash never leaves half of one, downloads that resume, and where downloads are cached. Torch-free and
-project-free (it imports nothing of ours), so the judge and MAUVE can use it without torch installed.
+project-free (it imports nothing of ours), so any file can import it without a circle. (judge.py and
+mauve.py import none of it: each stands alone, to be copied on its own.)
 """
 import argparse
 import json
@@ -42,14 +43,17 @@ def inside(folder, name):
 
 
 def number(kind, low, strict=False, high=None):
-    """An argparse type: a finite `kind` >= low (> low if strict), <= high if given; argparse names the flag."""
+    """An argparse type: a finite `kind` >= low (> low if strict), <= high if given.
+    argparse names the flag."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         if not math.isfinite(value) or value < low or (strict and value == low):  # nan, inf: refused too
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
+            bound = ">" if strict else ">="
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound} {low}, got {text}")
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
         return value
@@ -195,7 +199,8 @@ def download(url, dest_path, retries=5):
             if total is None or os.path.getsize(part) == total:
                 os.replace(part, dest_path)
                 return dest_path
-            print(f"{url}: body cut short ({os.path.getsize(part)} of {total} bytes), resuming", file=sys.stderr)
+            got = os.path.getsize(part)
+            print(f"{url}: body cut short ({got} of {total} bytes), resuming", file=sys.stderr)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if attempt == retries:
                 raise

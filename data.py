@@ -28,9 +28,11 @@ import torch
 import common
 from common import cut_at_eos
 
-DOLLY_URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
+DOLLY_URL = ("https://huggingface.co/datasets/databricks/databricks-dolly-15k"
+             "/resolve/main/databricks-dolly-15k.jsonl")
 SPLIT_SALT = "nanocpo-split-v1"  # part of every train/test split: changing it reshuffles them all
-TRAIN_ROWS, ALL_ROWS = 7505, 15011  # the paper's Dolly split (also used for wiki: files, the paper's other task)
+# the paper's Dolly split (also used for wiki: files, the paper's other task)
+TRAIN_ROWS, ALL_ROWS = 7505, 15011
 
 
 @dataclass
@@ -83,7 +85,8 @@ def build_example(id, prompt, response, prompt_body, response_body, tokenizer, m
 
 def cut_prompt_left(ids, room, keep_bos=False):
     """A prompt that fits in `room` tokens: cut from the LEFT, because a continuation depends most on the
-    prompt's end. keep_bos: ids[0] is a BOS that stays first (and counts in room). Short ones come back whole."""
+    prompt's end. keep_bos: ids[0] is a BOS that stays first (and counts in room).
+    Short ones come back whole."""
     if len(ids) <= room:
         return list(ids)
     return list(ids[:1]) * keep_bos + list(ids[len(ids) - room + keep_bos:])
@@ -120,7 +123,7 @@ def fetch(source, cache_dir=None):
     return dest
 
 
-def read_jsonl(path, required, optional=(), unique=None):
+def read_rows(path, required, optional=(), unique=None):
     """The objects of a JSON-lines file (common.read_jsonl), each field checked to be a string.
     A malformed line is a ValueError naming it: "path:LINE: missing field 'response'". unique: a field
     no two lines may share (an id), a repeat naming both lines."""
@@ -134,7 +137,8 @@ def read_jsonl(path, required, optional=(), unique=None):
                 raise ValueError(f"{where}: missing field {key!r}")
         for key in (*required, *optional):
             if key in row and not isinstance(row[key], str):
-                raise ValueError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+                got = type(row[key]).__name__
+                raise ValueError(f"{where}: field {key!r} must be a string, got {got}")
         if unique in row:
             key = repr(row[unique])  # any JSON value, hashable
             if key in seen:
@@ -155,17 +159,22 @@ def split_indices(keys, split, train_fraction=TRAIN_ROWS / ALL_ROWS):
         return list(range(len(keys)))
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    rank = sorted(range(len(keys)), key=lambda i: (hashlib.sha256((SPLIT_SALT + keys[i]).encode()).digest(), i))
-    n_train = len(keys) * TRAIN_ROWS // ALL_ROWS if train_fraction == TRAIN_ROWS / ALL_ROWS else \
-        math.floor(len(keys) * train_fraction + 1e-9)  # the paper's split stays integer arithmetic
+    def order(i):
+        return hashlib.sha256((SPLIT_SALT + keys[i]).encode()).digest(), i
+    rank = sorted(range(len(keys)), key=order)
+    if train_fraction == TRAIN_ROWS / ALL_ROWS:
+        n_train = len(keys) * TRAIN_ROWS // ALL_ROWS  # the paper's split stays integer arithmetic
+    else:
+        n_train = math.floor(len(keys) * train_fraction + 1e-9)
     return sorted(rank[:n_train] if split == "train" else rank[n_train:])
 
-# ----------------------------------------------------------------------------- Dolly, Wikipedia, generic jsonl
+# ------------------------------------------------------------------------- Dolly, Wikipedia, generic jsonl
 
 def dolly_prompt(instruction, context=""):
     """The one Dolly prompt template (Alpaca-like); the Context section only when the row has context."""
     if context.strip():
-        return f"### Instruction:\n{instruction.strip()}\n\n### Context:\n{context.strip()}\n\n### Response:\n"
+        return (f"### Instruction:\n{instruction.strip()}\n\n"
+                f"### Context:\n{context.strip()}\n\n### Response:\n")
     return f"### Instruction:\n{instruction.strip()}\n\n### Response:\n"
 
 
@@ -195,7 +204,7 @@ def load_dolly(source, tokenizer, split, max_len, cache_dir=None):
     (row = 0-based index among the file's rows, as on the hub). "context" may be absent; the response is
     stripped of surrounding whitespace so that EOS follows its last word."""
     path = fetch(source, cache_dir)
-    rows = read_jsonl(path, ("instruction", "response"), ("context", "category"))
+    rows = read_rows(path, ("instruction", "response"), ("context", "category"))
     keys = ["\x1f".join((r["instruction"], r.get("context", ""), r["response"])) for r in rows]
     stats, examples = Counter(), []
     for i in split_indices(keys, split):
@@ -212,7 +221,7 @@ def read_documents(path):
     """Documents of a .jsonl/.json file ({"text"} or {"title", "text"}; the title is not used) or,
     for any other extension, of a plain text file with one document per non-blank line."""
     if path.endswith((".jsonl", ".json")):
-        return [r["text"] for r in read_jsonl(path, ("text",), ("title",))]
+        return [r["text"] for r in read_rows(path, ("text",), ("title",))]
     docs = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -257,12 +266,14 @@ def load_jsonl(source, tokenizer, max_len, split="all", cache_dir=None, val_frac
     Your own data: "train" is every row and "test" none, unless val_fraction holds some out (by the
     same content hash as split_indices). The paper's split is Dolly's, not this file's."""
     path = fetch(source, cache_dir)
-    rows = read_jsonl(path, ("prompt", "response"), unique="id")
+    rows = read_rows(path, ("prompt", "response"), unique="id")
     name = os.path.splitext(os.path.basename(urlparse(source).path if "://" in source else source))[0]
+    keys = [r["prompt"] + "\x1f" + r["response"] for r in rows]
     stats, examples = Counter(), []
-    for i in split_indices([r["prompt"] + "\x1f" + r["response"] for r in rows], split, 1.0 - val_fraction):
+    for i in split_indices(keys, split, 1.0 - val_fraction):
         r = rows[i]
-        ex = encode_example(r.get("id", f"{name}-{i}"), r["prompt"], r["response"], tokenizer, max_len, stats)
+        example_id = r.get("id", f"{name}-{i}")
+        ex = encode_example(example_id, r["prompt"], r["response"], tokenizer, max_len, stats)
         if ex:
             examples.append(ex)
     report(f"{name}/{split}", examples, stats)
@@ -273,14 +284,16 @@ def load_rejected(source, examples, tokenizer, max_len, cache_dir=None):
     it -> {id: Example}: the chosen example's prompt (same ids) with the rejected response after it,
     cut to fit max_len, plus one EOS. Every example needs one; a missing one names the file and id."""
     path = fetch(source, cache_dir)
-    rejected = {r["id"]: r["rejected"] for r in read_jsonl(path, ("id", "rejected"), unique="id")}
+    rows = read_rows(path, ("id", "rejected"), unique="id")
+    rejected = {r["id"]: r["rejected"] for r in rows}
     out = {}
     for e in examples:
         if e.id not in rejected:
             raise ValueError(f"{path}: no rejected response for example {e.id!r}")
         body = text_ids(tokenizer, rejected[e.id])[:max_len - len(e.prompt_ids) - 1]
         if not body:
-            raise ValueError(f"{path}: the rejected response for example {e.id!r} is empty (or no room after its prompt)")
+            raise ValueError(f"{path}: the rejected response for example {e.id!r} is empty"
+                             " (or no room after its prompt)")
         out[e.id] = Example(e.id, e.prompt, rejected[e.id], e.prompt_ids, body + [tokenizer.eos_id])
     return out
 
@@ -332,12 +345,14 @@ def synthetic_pairs(n, seed=0, split="train", word_len=SYNTHETIC_WORD_LEN):
     if split not in ("train", "val", "test"):
         raise ValueError(f"synthetic split must be 'train', 'val' or 'test', got {split!r}")
     # a str seed is hashed with sha512 and random() is the one output Python promises never to change
-    variant = "" if word_len == SYNTHETIC_WORD_LEN else f"/{word_len}"  # the default's stream is as it always was
+    # the default's stream is as it always was
+    variant = "" if word_len == SYNTHETIC_WORD_LEN else f"/{word_len}"
     rng = random.Random(f"nanocpo-synthetic/{split}/{seed}{variant}")
     lo, hi = word_len
     ops, pairs = list(SYNTHETIC_OPS), []
     while len(pairs) < n:
-        word = "".join(chr(97 + int(rng.random() * 26)) for _ in range(lo + int(rng.random() * (hi - lo + 1))))
+        length = lo + int(rng.random() * (hi - lo + 1))
+        word = "".join(chr(97 + int(rng.random() * 26)) for _ in range(length))
         op = ops[int(rng.random() * len(ops))]
         answer = SYNTHETIC_OPS[op](word)
         if answer and is_test_word(word) == (split != "train"):  # "cons" of "aeiou" would be empty
@@ -386,7 +401,8 @@ def correct_stop(gen, ref, eos_id):
 
 def score_synthetic(gen_ids, ref_ids, eos_id):
     """Means over a batch. gen_ids: (B, max_new_tokens) Long from model.generate, or lists; ref_ids: the
-    examples' continuation_ids. token_accuracy: share of reference positions (EOS included) generated right."""
+    examples' continuation_ids. token_accuracy: share of reference positions (EOS included) generated
+    right."""
     gens = gen_ids.tolist() if torch.is_tensor(gen_ids) else [list(g) for g in gen_ids]
     refs = [list(r) for r in ref_ids]
     hits = [sum(a == b for a, b in zip(cut_at_eos(g, eos_id), r)) / len(r) for g, r in zip(gens, refs)]
@@ -400,24 +416,28 @@ def score_synthetic(gen_ids, ref_ids, eos_id):
 # ----------------------------------------------------------------------------- one entry point, one batch
 
 def load_task(name, split, tokenizer, max_len, n=None, seed=0, cache_dir=None, val_fraction=0.0):
-    """name: "synthetic" | "synthetic:long" | "dolly" | "dolly:<path-or-url>" | "wiki:<path-or-url>" | "jsonl:<path-or-url>".
-    split: "train" | "test" ("all" too for files, "val" for synthetic). n: the first n examples of the split
-    (synthetic default: 20000 train, 500 test or val); seed: the synthetic task's. The paper's split applies to dolly
-    (the Dolly dataset, from the hub or a copy of it given by path) and wiki; a jsonl: file trains on
-    all its rows unless val_fraction holds some out."""
+    """name: "synthetic" | "synthetic:long" | "dolly" | "dolly:<path-or-url>" | "wiki:<path-or-url>"
+    | "jsonl:<path-or-url>".
+    split: "train" | "test" ("all" too for files, "val" for synthetic). n: the first n examples of the
+    split (synthetic default: 20000 train, 500 test or val); seed: the synthetic task's. The paper's split
+    applies to dolly (the Dolly dataset, from the hub or a copy of it given by path) and wiki; a jsonl:
+    file trains on all its rows unless val_fraction holds some out."""
     kind, _, source = name.partition(":")
     if kind == "synthetic":
         n_default = 20000 if split == "train" else 500
-        return synthetic_examples(n if n is not None else n_default, seed, tokenizer, max_len, split, task=name)
+        n = n if n is not None else n_default
+        return synthetic_examples(n, seed, tokenizer, max_len, split, task=name)
     if kind == "dolly":
         examples = load_dolly(source or DOLLY_URL, tokenizer, split, max_len, cache_dir)
     elif kind in ("wiki", "jsonl") and source:
         if kind == "wiki":
             examples = load_wiki(source, tokenizer, max_len, split=split, cache_dir=cache_dir)
         else:
-            examples = load_jsonl(source, tokenizer, max_len, split=split, cache_dir=cache_dir, val_fraction=val_fraction)
+            examples = load_jsonl(source, tokenizer, max_len, split=split, cache_dir=cache_dir,
+                                  val_fraction=val_fraction)
     else:
-        raise ValueError(f"unknown task {name!r}: use synthetic[:long], dolly[:src], wiki:<src> or jsonl:<src>")
+        raise ValueError(f"unknown task {name!r}: "
+                         "use synthetic[:long], dolly[:src], wiki:<src> or jsonl:<src>")
     return examples[:n] if n is not None else examples
 
 
@@ -438,7 +458,7 @@ def collate(examples, pad_id):
     """Examples -> their right-padded batch, (input_ids (N, T), cont_mask (N, T)); see pad_right."""
     return pad_right([e.prompt_ids for e in examples], [e.continuation_ids for e in examples], pad_id)
 
-# ----------------------------------------------------------------------------- data order: which examples each step sees
+# ------------------------------------------------------------------ data order: which examples each step sees
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch):
@@ -454,6 +474,7 @@ def global_batch(step, n, batch_size, seed):
 
 def micro_batches(indices, rank, world, micro):
     """This rank's micro-batches. Micro-batch j = rank * accum + m: the same slices as one process with
-    world x the accumulation, so 1 and N ranks train on identical micro-batches (and the same BN negatives)."""
+    world x the accumulation, so 1 and N ranks train on identical micro-batches (and the same BN
+    negatives)."""
     accum = len(indices) // (world * micro)
     return [indices[(rank * accum + m) * micro:(rank * accum + m + 1) * micro] for m in range(accum)]
