@@ -31,7 +31,10 @@ def check_config_values(d):
         if d.get(key) is not None and not (type(d[key]) is int and d[key] >= 1):
             raise ValueError(f"{key} must be an integer >= 1, got {d[key]!r}")
     for key in EPS_KEYS:
-        if d.get(key) is not None and not (type(d[key]) in (int, float) and math.isfinite(d[key]) and d[key] > 0):
+        value = d.get(key)
+        if value is None:
+            continue
+        if not (type(value) in (int, float) and math.isfinite(value) and value > 0):
             raise ValueError(f"{key} must be a number > 0, got {d[key]!r}")
     for key in ("bos_token_id", "eos_token_id"):
         ids = d.get(key) if isinstance(d.get(key), list) else [d.get(key)]
@@ -74,10 +77,13 @@ def config_from_hf(d):
             raise ValueError(f"unsupported RoPE scaling {rope!r} (only the default RoPE)")
         n_embd, n_head = need("hidden_size"), need("num_attention_heads")
         if d.get("head_dim") not in (None, n_embd // n_head):
-            raise ValueError(f"head_dim={d['head_dim']} != hidden_size / num_attention_heads = {n_embd // n_head}")
-        return ModelConfig(model_type="llama", vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"),
+            raise ValueError(f"head_dim={d['head_dim']} != "
+                             f"hidden_size / num_attention_heads = {n_embd // n_head}")
+        return ModelConfig(model_type="llama", vocab_size=need("vocab_size"),
+                           n_layer=need("num_hidden_layers"),
                            n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=n_embd,
-                           n_inner=need("intermediate_size"), max_seq_len=d.get("max_position_embeddings", 2048),
+                           n_inner=need("intermediate_size"),
+                           max_seq_len=d.get("max_position_embeddings", 2048),
                            norm_eps=d.get("rms_norm_eps", 1e-6),
                            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
                            tie_word_embeddings=d.get("tie_word_embeddings", False),
@@ -114,7 +120,9 @@ def _hf_layout(cfg):
         pairs = [("norm1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
                  ("norm2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]
         for i in range(cfg.n_layer):
-            L += [(f"blocks.{i}.{o}.{w}", [f"transformer.h.{i}.{h}.{w}"]) for o, h in pairs for w in ("weight", "bias")]
+            for o, h in pairs:
+                for w in ("weight", "bias"):
+                    L.append((f"blocks.{i}.{o}.{w}", [f"transformer.h.{i}.{h}.{w}"]))
         L += [("norm_f.weight", ["transformer.ln_f.weight"]), ("norm_f.bias", ["transformer.ln_f.bias"])]
     else:
         L += [("tok_emb.weight", ["model.embed_tokens.weight"])]
@@ -134,7 +142,8 @@ def _hf_layout(cfg):
 
 def _transposed(cfg, name):
     # GPT-2's Conv1D stores linear weights as (in, out); nn.Linear wants (out, in)
-    return cfg.model_type == "gpt2" and name.startswith("blocks.") and name.endswith("weight") and "norm" not in name
+    in_blocks = name.startswith("blocks.") and name.endswith("weight") and "norm" not in name
+    return cfg.model_type == "gpt2" and in_blocks
 
 
 def to_hf_state_dict(model):
@@ -168,10 +177,13 @@ def from_hf_state_dict(sd, config):
         expected = to_hf_state_dict(Transformer(cfg))     # HF names -> shapes, no memory used
     missing = [k for k in expected if k not in norm]
     if missing:
-        raise ValueError(f"{len(missing)} tensors missing for this {cfg.model_type} config, e.g. {missing[:3]}")
-    extra = [k for k in norm if k not in expected and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+        raise ValueError(f"{len(missing)} tensors missing for this {cfg.model_type} config, "
+                         f"e.g. {missing[:3]}")
+    tied_head = ["lm_head.weight"] if cfg.tie_word_embeddings else []  # saved by some, ignored
+    extra = [k for k in norm if k not in expected and k not in tied_head]
     if extra:
-        raise ValueError(f"{len(extra)} unexpected tensors for this {cfg.model_type} config, e.g. {extra[:3]}")
+        raise ValueError(f"{len(extra)} unexpected tensors for this {cfg.model_type} config, "
+                         f"e.g. {extra[:3]}")
     for k, e in expected.items():
         if norm[k].shape != e.shape:
             raise ValueError(f"tensor {k!r}: expected shape {tuple(e.shape)} from the config, "
@@ -188,9 +200,9 @@ def from_hf_state_dict(sd, config):
 # ----------------------------------------------------------------------------- safetensors
 # Format: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}}
 # (plus an optional "__metadata__" of strings), then the raw little-endian tensor bytes.
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
@@ -226,8 +238,8 @@ def _safetensors_header(path):
                 and 0 <= offsets[0] <= offsets[1] <= data_size):
             raise bad(f"tensor {name!r}: data_offsets {offsets} out of range (data is {data_size} bytes)")
         if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
-            raise bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes but shape {shape} of {info['dtype']} "
-                      f"needs {math.prod(shape) * dtype.itemsize}")
+            raise bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes "
+                      f"but shape {shape} of {info['dtype']} needs {math.prod(shape) * dtype.itemsize}")
         entries[name] = (dtype, shape, *offsets)
         spans.append((*offsets, name))
     spans = sorted(s for s in spans if s[0] < s[1])  # empty tensors occupy no bytes
@@ -336,8 +348,8 @@ def window_len(folder, net, max_len=None):
 
 def load(path, device="cpu", dtype=None):
     """A local HF folder or a hub name ("gpt2-xl", "openlm-research/open_llama_3b") -> (model, tokenizer).
-    tokenizer is None when the folder has no tokenizer files; when it has one, its BOS/EOS (tokenizer.special_ids)
-    become the model config's. dtype None = the checkpoint's torch_dtype.
+    tokenizer is None when the folder has no tokenizer files; when it has one, its BOS/EOS
+    (tokenizer.special_ids) become the model config's. dtype None = the checkpoint's torch_dtype.
     The model is built on the meta device and takes the memory-mapped tensors as they are: one copy."""
     path = os.fspath(path)
     folder = path if os.path.isdir(path) else hub_download(path)
@@ -360,7 +372,8 @@ def load(path, device="cpu", dtype=None):
         sd = from_hf_state_dict(sd, config)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    for k, v in sd.items():  # an int or bool tensor would be cast to float below, silently turning into nonsense
+    # an int or bool tensor would be cast to float below, silently turning into nonsense
+    for k, v in sd.items():
         if not v.is_floating_point():
             raise ValueError(f"{where}: tensor {k!r} has dtype {v.dtype}; weights must be floating point")
     if config.tie_word_embeddings:
@@ -418,7 +431,8 @@ def save_pretrained(model, dir, tokenizer=None, max_shard_bytes=5 * 2**30):
 
 
 def special_token_ids(tokenizer):
-    """config.json's bos/eos/pad_token_id: the tokenizer's, so config, generation config and tokenizer agree."""
+    """config.json's bos/eos/pad_token_id: the tokenizer's,
+    so config, generation config and tokenizer agree."""
     return {f"{k}_token_id": v for k, v in tokenizer.specials.items()}
 
 
@@ -434,11 +448,12 @@ def generation_config(tokenizer):
 
 # ----------------------------------------------------------------------------- hub downloads
 def check_hub_name(repo):
-    """ValueError "no such folder" at once, without a request, for a name that is a mistyped local path rather
-    than a hub name ('gpt2', 'org/name'): it starts with '.', '/' or '~', has more than two parts, or its first
-    part is a folder here ('out/fianl' when out/ exists)."""
+    """ValueError "no such folder" at once, without a request, for a name that is a mistyped local path
+    rather than a hub name ('gpt2', 'org/name'): it starts with '.', '/' or '~', has more than two parts,
+    or its first part is a folder here ('out/fianl' when out/ exists)."""
     parts = repo.replace(os.sep, "/").split("/")
-    looks_local = repo.startswith((".", "/", "~")) or "\\" in repo or (len(parts) == 2 and os.path.isdir(parts[0]))
+    looks_local = (repo.startswith((".", "/", "~")) or "\\" in repo
+                   or (len(parts) == 2 and os.path.isdir(parts[0])))
     if looks_local or len(parts) > 2 or not all(parts) or any(p in (".", "..") for p in parts):
         raise ValueError(f"{repo}: no such folder (and not a hub name like 'gpt2' or 'org/name')")
 
