@@ -15,7 +15,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 # Digits(individual_digits) then GPT-2's regex, as one pattern: every numeric char alone, and a run of
 # spaces before one ends there, as it would at the end of a Digits piece
 DIGITS_THEN_GPT2 = r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-TOKENIZER_KINDS = [["tokenizer.model"], ["tokenizer.json"], ["vocab.json", "merges.txt"]]  # in order of preference
+# in order of preference
+TOKENIZER_KINDS = [["tokenizer.model"], ["tokenizer.json"], ["vocab.json", "merges.txt"]]
 # carried along with the tokenizer: its special tokens, chat template and generation settings
 COMPANION_FILES = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json"]
@@ -34,6 +35,20 @@ def merge_pairs(merges):
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
 
 
+def token_bytes(token, byte_of):
+    """A token as vocab.json spells it -> its bytes, through byte_of (bytes_to_unicode reversed);
+    a token with a char outside that map is taken as UTF-8 text."""
+    if all(c in byte_of for c in token):
+        return bytes(byte_of[c] for c in token)
+    return token.encode()
+
+
+def merges_txt(data):
+    """merges.txt's merges, ["a", "b"] from each "a b" line; its "#version" line and blank lines skipped."""
+    lines = data.decode().splitlines()
+    return [m.split() for m in lines if m and not m.startswith("#version")]
+
+
 def split_pattern(pre):
     """tokenizer.json's pre_tokenizer -> (the regex that splits text before BPE, add_prefix_space).
     ValueError for pre-tokenizers this file can't turn into one regex."""
@@ -41,20 +56,22 @@ def split_pattern(pre):
     kinds = [s.get("type") for s in steps]
     last = steps[-1] if steps else {}
     if kinds and kinds[-1] == "ByteLevel":
-        if kinds == ["ByteLevel"] and last.get("use_regex", True):
+        own_regex = last.get("use_regex", True)
+        if kinds == ["ByteLevel"] and own_regex:
             return GPT2_PATTERN, last.get("add_prefix_space", False)
-        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and last.get("use_regex", True):
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and own_regex:
             return DIGITS_THEN_GPT2, last.get("add_prefix_space", False)
         split = steps[0]
-        if (kinds == ["Split", "ByteLevel"] and not last.get("use_regex", True) and "Regex" in split.get("pattern", {})
+        if (kinds == ["Split", "ByteLevel"] and not own_regex and "Regex" in split.get("pattern", {})
                 and split.get("behavior") == "Isolated" and not split.get("invert")):
             return split["pattern"]["Regex"], last.get("add_prefix_space", False)
-    raise ValueError(f"unsupported pre_tokenizer {json.dumps(pre)[:300]} (supported: ByteLevel; Digits(individual) + "
-                     "ByteLevel; Split(Regex, Isolated) + ByteLevel(use_regex=false))")
+    raise ValueError(f"unsupported pre_tokenizer {json.dumps(pre)[:300]} (supported: ByteLevel; "
+                     "Digits(individual) + ByteLevel; Split(Regex, Isolated) + ByteLevel(use_regex=false))")
 
 
 def normalizer_of(spec):
-    """tokenizer.json's normalizer -> a function of the text (only unicode normal forms, alone or in a Sequence)."""
+    """tokenizer.json's normalizer -> a function of the text
+    (only unicode normal forms, alone or in a Sequence)."""
     steps = spec.get("normalizers", []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
     forms = [s.get("type") for s in steps]
     if not all(f in ("NFC", "NFD", "NFKC", "NFKD") for f in forms):
@@ -76,13 +93,15 @@ def read_tokenizer_json(data):
                          "a Unigram/sentencepiece model needs its tokenizer.model)")
     decoder = tj.get("decoder") or {}
     if model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ValueError(f"BPE with decoder {decoder.get('type')!r} is not byte-level (a sentencepiece-style BPE "
-                         "needs its tokenizer.model)")
+        raise ValueError(f"BPE with decoder {decoder.get('type')!r} is not byte-level "
+                         "(a sentencepiece-style BPE needs its tokenizer.model)")
     pattern, add_prefix_space = split_pattern(tj.get("pre_tokenizer"))
     added = {t["content"]: (t["id"], t.get("special", False)) for t in tj.get("added_tokens") or []}
     post = tj.get("post_processor") or {}
     first = [p["SpecialToken"]["id"] for p in post.get("single", [])[:1] if "SpecialToken" in p]
-    prefix = [post["special_tokens"][t]["ids"][0] for t in first] if post.get("type") == "TemplateProcessing" else []
+    prefix = []
+    if post.get("type") == "TemplateProcessing":
+        prefix = [post["special_tokens"][t]["ids"][0] for t in first]
     return (model["vocab"], merge_pairs(model.get("merges", [])), pattern, add_prefix_space,
             normalizer_of(tj.get("normalizer")), added, prefix)
 
@@ -99,8 +118,11 @@ def special_ids(files, config, id_of, defaults):
     explicit null means none), else generation_config.json, else config.json (their *_token_id; a list
     of EOS ids gives its first), else the tokenizer file's own default. transformers' tokenizer reads the
     first; generate() stops on generation_config's EOS: save_pretrained makes them agree."""
-    sources = [json.loads(files[n]) for n in ("tokenizer_config.json", "special_tokens_map.json") if n in files]
-    id_sources = [json.loads(files["generation_config.json"])] if "generation_config.json" in files else []
+    sources = [json.loads(files[n]) for n in ("tokenizer_config.json", "special_tokens_map.json")
+               if n in files]
+    id_sources = []
+    if "generation_config.json" in files:
+        id_sources.append(json.loads(files["generation_config.json"]))
     id_sources += [config or {}]
     out = {}
     for name in ("bos", "eos", "pad"):
@@ -141,10 +163,11 @@ class Tokenizer:
         else:
             self.sp = None
             if "tokenizer.json" in files:
-                vocab, merges, pattern, prefix_space, normalize, added, prefix = read_tokenizer_json(files["tokenizer.json"])
+                tokenizer_json = read_tokenizer_json(files["tokenizer.json"])
+                vocab, merges, pattern, prefix_space, normalize, added, prefix = tokenizer_json
             else:
                 vocab = json.loads(files["vocab.json"])
-                merges = [tuple(m.split()) for m in files["merges.txt"].decode().splitlines() if m and not m.startswith("#version")]
+                merges = [tuple(m) for m in merges_txt(files["merges.txt"])]
                 pattern, prefix_space, normalize, prefix = GPT2_PATTERN, False, (lambda s: s), []
                 added = {"<|endoftext|>": (vocab["<|endoftext|>"], True)} if "<|endoftext|>" in vocab else {}
             self._init_bpe(vocab, merges, pattern, added)
@@ -163,25 +186,29 @@ class Tokenizer:
         first appearance. Only tokens merges can make get a rank (HF never produces the others), and a single
         byte the vocabulary lacks keeps a rank without an id: an error only if it occurs in the text."""
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        as_bytes = lambda tok: bytes(byte_of[c] for c in tok) if all(c in byte_of for c in tok) else tok.encode()
-        id_of = {as_bytes(tok): i for tok, i in vocab.items()}
+        id_of = {token_bytes(tok, byte_of): i for tok, i in vocab.items()}
         ranks = {bytes([b]): b for b in range(256)}
         for a, b in merges:
-            ranks.setdefault(as_bytes(a + b), len(ranks))
+            ranks.setdefault(token_bytes(a + b, byte_of), len(ranks))
         missing = [tok for tok in list(ranks)[256:] if tok not in id_of]
         if missing:
-            raise ValueError(f"the vocabulary lacks {len(missing)} tokens that the merges make, e.g. {missing[0]!r}")
-        self.id_to_bytes = {i: tok for tok, i in id_of.items()} | {i: t.encode() for t, (i, _) in added.items()}
+            raise ValueError(f"the vocabulary lacks {len(missing)} tokens that the merges make, "
+                             f"e.g. {missing[0]!r}")
+        self.id_to_bytes = {i: tok for tok, i in id_of.items()}
+        self.id_to_bytes |= {i: t.encode() for t, (i, _) in added.items()}
         special_rank = {t: len(ranks) + j for j, t in enumerate(added)}
         self.rank_to_id = [id_of.get(tok) for tok in ranks] + [i for i, _ in added.values()]
-        self.always = {t for t, (_, special) in added.items() if not special}  # transformers always matches these
+        # transformers always matches these
+        self.always = {t for t, (_, special) in added.items() if not special}
         self.added = {t: i for t, (i, _) in added.items()}
-        self.enc = tiktoken.Encoding("hf-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_rank)
+        self.enc = tiktoken.Encoding("hf-bpe", pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=special_rank)
         self.vocab_size = max([*vocab.values(), *self.added.values()]) + 1
 
     @property
     def pad_id(self):
-        """The id that pads a batch: the tokenizer's own pad token, else EOS, else 0 (padding is masked out)."""
+        """The id that pads a batch: the tokenizer's own pad token, else EOS, else 0
+        (padding is masked out)."""
         return next((i for i in (self.own_pad_id, self.eos_id) if i is not None), 0)
 
     def encode(self, text, allowed_special=()):
@@ -193,10 +220,12 @@ class Tokenizer:
         text = self.normalize(text)
         if self.add_prefix_space and not text.startswith(" "):
             text = " " + text  # what transformers' ByteLevel(add_prefix_space) does
-        ids = [self.rank_to_id[r] for r in self.enc.encode(text, allowed_special=allowed | self.always, disallowed_special=())]
+        ranks = self.enc.encode(text, allowed_special=allowed | self.always, disallowed_special=())
+        ids = [self.rank_to_id[r] for r in ranks]
         if None in ids:
             lacking = sorted({b for b in text.encode() if self.rank_to_id[b] is None})
-            raise ValueError(f"text {text[:60]!r} has bytes {[hex(b) for b in lacking]} that the vocabulary lacks")
+            raise ValueError(f"text {text[:60]!r} has bytes {[hex(b) for b in lacking]} "
+                             "that the vocabulary lacks")
         return ids
 
     def _sp_encode(self, text, allowed):
@@ -234,8 +263,11 @@ class Tokenizer:
             return None
         if self.sp is not None:
             return self.sp.id_to_piece(i)
+        added = next((t for t, j in self.added.items() if j == i), None)
+        if added:
+            return added
         byte_char = bytes_to_unicode()
-        return next((t for t, j in self.added.items() if j == i), None) or "".join(byte_char[b] for b in self.id_to_bytes[i])
+        return "".join(byte_char[b] for b in self.id_to_bytes[i])
 
     def tokenizer_config(self):
         names = {f"{k}_token": self.token(v) for k, v in self.specials.items() if v is not None}
@@ -244,15 +276,16 @@ class Tokenizer:
 
     def tokenizer_json(self):
         """vocab.json + merges.txt (+ <|endoftext|>) as the tokenizer.json transformers writes for them."""
-        bl = lambda **k: {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True, **k}
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
         added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                   "normalized": False, "special": t not in self.always} for t, i in self.added.items()]
-        merges = [m.split() for m in self.files["merges.txt"].decode().splitlines() if m and not m.startswith("#version")]
+        merges = merges_txt(self.files["merges.txt"])
         model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                 "vocab": json.loads(self.files["vocab.json"]), "merges": merges}
+                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                 "ignore_merges": False, "vocab": json.loads(self.files["vocab.json"]), "merges": merges}
         return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-                           "normalizer": None, "pre_tokenizer": bl(), "post_processor": bl(), "decoder": bl(),
+                           "normalizer": None, "pre_tokenizer": dict(byte_level),
+                           "post_processor": dict(byte_level), "decoder": dict(byte_level),
                            "model": model}, ensure_ascii=False).encode()
 
 
@@ -274,7 +307,8 @@ def load_tokenizer(dir):
     for names in TOKENIZER_KINDS:
         if all(os.path.isfile(os.path.join(dir, n)) for n in names):
             try:
-                return Tokenizer({**read_folder_files(dir, names), **companions}, json.loads(config) if config else None)
+                files = {**read_folder_files(dir, names), **companions}
+                return Tokenizer(files, json.loads(config) if config else None)
             except Exception as e:  # json, utf-8, sentencepiece and tiktoken each fail their own way
                 raise ValueError(f"{os.path.join(dir, names[0])}: cannot use {' + '.join(names)} "
                                  f"({type(e).__name__}: {e})") from None
@@ -283,6 +317,8 @@ def load_tokenizer(dir):
 
 
 def byte_tokenizer():
-    """GPT-2-format byte-level BPE with no merges: id b is byte b, 256 is <|endoftext|> (EOS and pad), no BOS."""
+    """GPT-2-format byte-level BPE with no merges: id b is byte b, 256 is <|endoftext|> (EOS and pad),
+    no BOS."""
     vocab = {c: b for b, c in bytes_to_unicode().items()} | {"<|endoftext|>": 256}
-    return Tokenizer({"vocab.json": json.dumps(vocab, ensure_ascii=False).encode(), "merges.txt": b"#version: 0.2\n"})
+    return Tokenizer({"vocab.json": json.dumps(vocab, ensure_ascii=False).encode(),
+                      "merges.txt": b"#version: 0.2\n"})
