@@ -1,10 +1,12 @@
 """
-A training run's checkpoints, so that a killed run (train.py) resumes bit-exactly with --resume (refused when
-a setting that changes the math differs: settings.config_differences): the weights in HF format
-(hf.save_pretrained, so a checkpoint is also a model folder), the optimizer, the step (which fixes the data position, data.global_batch being a pure function of it), and every rank's RNG
-state and reference log-prob cache.
+A training run's checkpoints, so that a killed run (train.py) resumes bit-exactly with --resume (refused
+when a setting that changes the math differs: settings.config_differences): the weights in HF format
+(hf.save_pretrained, so a checkpoint is also a model folder), the optimizer, the step (which fixes the
+data position, data.global_batch being a pure function of it), and every rank's RNG state and reference
+log-prob cache.
 
-    out_dir/ckpt-0000100/  model/ (config.json, model.safetensors, tokenizer)  trainer.pt  rank0.pt  rank1.pt ...
+    out_dir/ckpt-0000100/  model/ (config.json, model.safetensors, tokenizer)
+                           trainer.pt  rank0.pt  rank1.pt ...
 """
 import os
 import random
@@ -38,8 +40,8 @@ def checkpoints(out_dir):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
 
 
 def save_checkpoint(cfg, step, model, tok, optimizer, ref_cache, rank):
@@ -50,7 +52,8 @@ def save_checkpoint(cfg, step, model, tok, optimizer, ref_cache, rank):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(model, os.path.join(tmp, "model"), tok)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}, os.path.join(tmp, "trainer.pt"))
+        trainer = {"optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}
+        torch.save(trainer, os.path.join(tmp, "trainer.pt"))
     barrier()
     torch.save({"rng": rng_state(), "ref_cache": ref_cache}, os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
@@ -71,7 +74,8 @@ def checkpoint_config(path):
 
 
 def load_file(path):
-    """torch.load(weights_only) with every failure (missing, torn zip, bad pickle) a ValueError naming the file."""
+    """torch.load(weights_only) with every failure (missing, torn zip, bad pickle) a ValueError naming
+    the file."""
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:
@@ -88,17 +92,19 @@ def resume_newest(cfg, model, optimizer, rank, log=print, restore=None):
             step, old = checkpoint_config(path)
             diffs = config_differences(old, asdict(cfg), step)
             if diffs:
-                raise SystemExit(f"--resume from {path}: the checkpoint was trained with other settings, and these "
-                                 f"would change the run's math:\n  " + "\n  ".join(diffs) +
-                                 f"\nOnly {', '.join(sorted(SAFE_TO_CHANGE))} may change (use a new --out_dir "
-                                 f"for a new run)")
-            step, ref_cache = (restore or restore_checkpoint)(path, model, optimizer, rank)  # fsdp.restore under --fsdp
+                safe = ", ".join(sorted(SAFE_TO_CHANGE))
+                raise SystemExit(f"--resume from {path}: the checkpoint was trained with other settings, "
+                                 "and these would change the run's math:\n  " + "\n  ".join(diffs)
+                                 + f"\nOnly {safe} may change (use a new --out_dir for a new run)")
+            # fsdp.restore under --fsdp
+            step, ref_cache = (restore or restore_checkpoint)(path, model, optimizer, rank)
             loaded = True
         except ValueError as e:
             log(f"{path} is damaged ({e}); trying the checkpoint before it")
             bad.append(str(e))
             loaded = False
-        if not all_ranks(loaded, next(model.parameters()).device):  # a later restore overwrites a partial one
+        # one rank failed: all move on to the one before (a later restore overwrites a partial one)
+        if not all_ranks(loaded, next(model.parameters()).device):
             continue
         if path != checkpoints(cfg.out_dir)[-1]:
             log(f"fell back to {path}, the newest checkpoint that loads")
@@ -125,7 +131,8 @@ def restore_checkpoint(path, model, optimizer, rank):
     trainer = load_file(os.path.join(path, "trainer.pt"))
     optimizer.load_state_dict(trainer["optimizer"])
     if not os.path.exists(os.path.join(path, f"rank{rank}.pt")):
-        print(f"rank {rank}: {path} has no rank{rank}.pt (saved by fewer ranks): fresh RNG and reference cache")
+        print(f"rank {rank}: {path} has no rank{rank}.pt (saved by fewer ranks): "
+              "fresh RNG and reference cache")
         return trainer["step"], {}
     mine = load_file(os.path.join(path, f"rank{rank}.pt"))
     torch.set_rng_state(mine["rng"]["torch"])

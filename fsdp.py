@@ -1,16 +1,18 @@
-"""
+r"""
 Sharded data parallel training for train.py --fsdp: PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard),
 not a home-made scheme. Each rank keeps 1/W of the float32 weights, gradients and AdamW state; a block's
 weights are all-gathered (in bf16 on CUDA) just before it runs and freed after; gradients are
 reduce-scattered in float32. pi_ref is sharded the same way (it has no gradients and no optimizer).
 
-    torchrun --standalone --nproc_per_node=8 train.py config/dolly_llama3b_mixnr.py --fsdp --activation_checkpointing
+    torchrun --standalone --nproc_per_node=8 train.py config/dolly_llama3b_mixnr.py \
+        --fsdp --activation_checkpointing
 
 Checkpoints: the sharded state is gathered to rank 0 (CPU) and written in train.py's usual layout, so
 ckpt-N/model and final/ stay plain HF folders that transformers (or one GPU) loads, and resuming reads the
-same files and re-shards them. We chose the gather over torch.distributed.checkpoint's sharded files because
-the run's own checkpoints are then models too, and for our <= 3B models rank 0's CPU holds the gathered
-12 bytes/parameter (weights and AdamW, ~41 GB for OpenLlama-3B) easily; beyond that, DCP's per-rank files would be the way.
+same files and re-shards them. We chose the gather over torch.distributed.checkpoint's sharded files
+because the run's own checkpoints are then models too, and for our <= 3B models rank 0's CPU holds the
+gathered 12 bytes/parameter (weights and AdamW, ~41 GB for OpenLlama-3B) easily; beyond that, DCP's
+per-rank files would be the way.
 """
 from contextlib import nullcontext
 
@@ -92,7 +94,8 @@ class _Loaded:
 
 def restore(path, model, optimizer, rank):
     """checkpoint.restore_checkpoint for a sharded model: every rank reads the full state and keeps its shard.
-    Returns (step, ref_cache). Resume with the world size and --fsdp of the run that saved it for bit-exactness."""
+    Returns (step, ref_cache). Resume with the world size and --fsdp of the run that saved it for
+    bit-exactness."""
     weights, optim = _Loaded(), _Loaded()
     step, ref_cache = restore_checkpoint(path, weights, optim, rank)
     set_state_dict(model, optimizer, model_state_dict=weights.state, optim_state_dict=optim.state,

@@ -13,10 +13,11 @@ Standard library and `requests` only, so this file can be copied into another pr
 
 (`python evaluate.py judge` and `evaluate.py dpo-negatives` do the same from files.)
 
-The query. A row's "prompt" is what the judge is shown as the Query (or Prefix, or Instruction), unless the
-row also has a "query", which is then shown instead. The paper asks about the question as a person would
-put it to a chatbot: for a model trained on a prompt template (nanoCPO's "### Instruction: ... ### Response:"),
-give the plain instruction (and its context) as "query"; evaluate.py does so with data.judge_query.
+The query. A row's "prompt" is what the judge is shown as the Query (or Prefix, or Instruction), unless
+the row also has a "query", which is then shown instead. The paper asks about the question as a person
+would put it to a chatbot: for a model trained on a prompt template (nanoCPO's "### Instruction: ...
+### Response:"), give the plain instruction (and its context) as "query"; evaluate.py does so with
+data.judge_query.
 
 Judging (the paper's templates, verbatim). Every pair is asked in both orders, the model's generation as
 A and then as B, against the ground truth. A pair is a win when both answers pick the model, a loss when
@@ -37,9 +38,9 @@ are scrubbed first and cut after, so no part of the key survives the cut. Timeou
 429, 5xx and malformed bodies are retried with exponential backoff; other HTTP errors fail at once. A
 Retry-After is obeyed up to max_backoff (60 s), and every wait ends at once when the run stops (an error
 elsewhere, or Ctrl-C: the run ends promptly). Transport failures (after retries) raise JudgeError; the
-cache keeps every answer so far. The cache is a jsonl file, append-only: {"key": sha256(json([judge model, prompt])),
-"reply": text}. One line is written and flushed per answer, so a crash loses only the requests in
-flight; a line torn by a crash is skipped on reading.
+cache keeps every answer so far. The cache is a jsonl file, append-only:
+{"key": sha256(json([judge model, prompt])), "reply": text}. One line is written and flushed per answer,
+so a crash loses only the requests in flight; a line torn by a crash is skipped on reading.
 """
 import hashlib
 import json
@@ -56,12 +57,15 @@ from email.utils import parsedate_to_datetime
 import requests
 
 JUDGE_TEMPLATES = {  # verbatim from the paper; filled in order (query, A, B)
-    "dolly": 'For the following query to a chatbot, which response is more helpful?\n Query: {}\n Response A: {}\n'
-             ' Response B: {}\n State only "A" or "B" to indicate which response is more helpful.\n More helpful:',
-    "wiki": 'For the following prefix, which continuation is better?\n Prefix: {}\n Continuation A: {}\n'
-            ' Continuation B: {}\n State only "A" or "B" to indicate which continuation is more helpful.\n Better:',
+    "dolly": ('For the following query to a chatbot, which response is more helpful?\n'
+              ' Query: {}\n Response A: {}\n Response B: {}\n'
+              ' State only "A" or "B" to indicate which response is more helpful.\n More helpful:'),
+    "wiki": ('For the following prefix, which continuation is better?\n'
+             ' Prefix: {}\n Continuation A: {}\n Continuation B: {}\n'
+             ' State only "A" or "B" to indicate which continuation is more helpful.\n Better:'),
 }
-DPO_NEGATIVE_TEMPLATE = ('Given the ground truth instruction and response, can you generate a not helpful response?\n'
+DPO_NEGATIVE_TEMPLATE = ('Given the ground truth instruction and response, '
+                         'can you generate a not helpful response?\n'
                          ' Instruction: {}\nResponse: {}\nNot helpful response:')
 
 
@@ -136,15 +140,19 @@ def judge_generations(rows, task, cache_path, **client):
         prompts.append(template.format(query_of(r), r["reference"], r["generation"]))  # model is B
     replies = ask_all(prompts, cache_path, **client)
     choices = [parse_choice(r) for r in replies]
-    records = [{"id": r["id"], "verdict": pair_verdict(choices[2 * i], choices[2 * i + 1]),
-                "reply_model_as_a": replies[2 * i], "reply_model_as_b": replies[2 * i + 1]} for i, r in enumerate(rows)]
+    records = []
+    for i, r in enumerate(rows):
+        as_a, as_b = 2 * i, 2 * i + 1
+        records.append({"id": r["id"], "verdict": pair_verdict(choices[as_a], choices[as_b]),
+                        "reply_model_as_a": replies[as_a], "reply_model_as_b": replies[as_b]})
     summary = summarize([r["verdict"] for r in records], choices[0::2])
     summary["invalid_replies"] = first_invalid(replies, choices)
     return records, summary
 
 
 def first_invalid(replies, choices, n=5, width=200):
-    """The first n distinct replies parse_choice refused, each cut to width characters: why pairs were invalid."""
+    """The first n distinct replies parse_choice refused, each cut to width characters:
+    why pairs were invalid."""
     seen = []
     for reply, choice in zip(replies, choices):
         if choice is None and reply[:width] not in seen:
@@ -153,9 +161,11 @@ def first_invalid(replies, choices, n=5, width=200):
 
 
 def dpo_rejected(rows, cache_path, **client):
-    """The paper's DPO baseline: rows {"id", "prompt", "response"[, "query"]} -> [{"id", "rejected"}], the judge
-    model's unhelpful response to each (asked about query_of(row)), stripped; empty replies are left out."""
-    replies = ask_all([DPO_NEGATIVE_TEMPLATE.format(query_of(r), r["response"]) for r in rows], cache_path, **client)
+    """The paper's DPO baseline: rows {"id", "prompt", "response"[, "query"]} -> [{"id", "rejected"}], the
+    judge model's unhelpful response to each (asked about query_of(row)), stripped; empty replies are left
+    out."""
+    prompts = [DPO_NEGATIVE_TEMPLATE.format(query_of(r), r["response"]) for r in rows]
+    replies = ask_all(prompts, cache_path, **client)
     return [{"id": r["id"], "rejected": reply.strip()} for r, reply in zip(rows, replies) if reply.strip()]
 
 
@@ -175,7 +185,8 @@ def scrub(text, secret):
 def api_key_from_env(name):
     key = os.environ.get(name, "")
     if not key:
-        log(f"judge: ${name} is empty; sending no Authorization header (fine for a local vLLM/llama.cpp server)")
+        log(f"judge: ${name} is empty; sending no Authorization header "
+            "(fine for a local vLLM/llama.cpp server)")
     return key
 
 
@@ -221,8 +232,8 @@ def check_client_settings(workers=1, timeout=60.0, max_retries=8, backoff=1.0, m
             raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
-def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.0, timeout=60.0, max_retries=8,
-                    backoff=1.0, max_backoff=60.0, stop=None):
+def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.0, timeout=60.0,
+                    max_retries=8, backoff=1.0, max_backoff=60.0, stop=None):
     """One user prompt -> the reply text, from any OpenAI-compatible POST {url}/chat/completions.
     Timeouts, connection errors, 429, 5xx and malformed bodies are retried with exponential backoff and
     jitter (or after Retry-After when the server sends one); other HTTP errors (bad key, bad request)
@@ -238,11 +249,13 @@ def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.
             raise JudgeError("stopped: the run failed on another request or was interrupted")
         wait = None
         try:
-            r = http_session().post(url.rstrip("/") + "/chat/completions", json=body, headers=headers, timeout=timeout)
+            r = http_session().post(url.rstrip("/") + "/chat/completions", json=body, headers=headers,
+                                    timeout=timeout)
             if r.status_code == 429 or r.status_code >= 500:
                 problem, wait = f"HTTP {r.status_code}", parse_retry_after(r.headers.get("Retry-After"))
             elif r.status_code != 200:
-                raise JudgeError(scrub(f"HTTP {r.status_code} from {url}: {r.text}", api_key)[:300])  # scrub, then cut
+                message = scrub(f"HTTP {r.status_code} from {url}: {r.text}", api_key)
+                raise JudgeError(message[:300])  # scrub, then cut
             else:
                 try:
                     reply = r.json()["choices"][0]["message"]["content"]
@@ -253,7 +266,8 @@ def chat_completion(prompt, url, model, api_key="", max_tokens=5, temperature=0.
                 problem = "malformed response body"
         except (requests.Timeout, requests.ConnectionError) as e:
             problem = scrub(f"{type(e).__name__}: {e}", api_key)[:300]
-        except requests.RequestException as e:  # e.g. a key with a newline: the message would quote the header
+        except requests.RequestException as e:
+            # e.g. a key with a newline: the message would quote the header
             raise JudgeError(scrub(f"request to {url} failed: {type(e).__name__}: {e}", api_key)) from None
         if attempt == max_retries or stop.is_set():
             break
@@ -293,7 +307,8 @@ def ask_all(prompts, cache_path, url, model, api_key="", workers=8, **request):
     keys = [cache_key(model, p) for p in prompts]
     cache = {k: scrub(v, api_key) for k, v in load_cache(cache_path).items()}  # a cache from before scrubbing
     todo = {k: p for k, p in zip(keys, prompts) if k not in cache}
-    log(f"judge: {len(prompts)} prompts, {len(prompts) - len(todo)} answered in {cache_path}, sending {len(todo)}")
+    log(f"judge: {len(prompts)} prompts, {len(prompts) - len(todo)} answered in {cache_path}, "
+        f"sending {len(todo)}")
     if not todo:
         return [cache[k] for k in keys]
     stop = threading.Event()

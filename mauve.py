@@ -32,8 +32,8 @@ def compute_mauve(p_features, q_features, num_buckets="auto", pca_max_data=-1, k
     elif isinstance(num_buckets, bool) or not isinstance(num_buckets, (int, np.integer)) or num_buckets < 1:
         raise ValueError(f'num_buckets must be an integer >= 1 or "auto", got {num_buckets!r}')
     if min(len(p), len(q)) < num_buckets:  # a histogram over k clusters needs at least k points of each set
-        raise ValueError(f"MAUVE with {num_buckets} clusters needs at least {num_buckets} samples in each set, got "
-                         f"{len(p)} in p_features and {len(q)} in q_features")
+        raise ValueError(f"MAUVE with {num_buckets} clusters needs at least {num_buckets} samples in each "
+                         f"set, got {len(p)} in p_features and {len(q)} in q_features")
     p_hist, q_hist = quantize(p, q, num_buckets, pca_max_data, kmeans_explained_var, kmeans_num_redo,
                               kmeans_max_iter, seed)
     return mauve_from_histograms(p_hist, q_hist, divergence_curve_discretization_size, mauve_scaling_factor)
@@ -136,7 +136,8 @@ def update_centroids(x, labels, dist, k):
 
 
 def mauve_from_histograms(p_hist, q_hist, size=25, scaling=5):
-    return mauve_area(divergence_curve(np.asarray(p_hist, np.float64), np.asarray(q_hist, np.float64), size, scaling))
+    p_hist, q_hist = np.asarray(p_hist, np.float64), np.asarray(q_hist, np.float64)
+    return mauve_area(divergence_curve(p_hist, q_hist, size, scaling))
 
 
 def kl_rows(a, r):
