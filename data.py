@@ -314,7 +314,8 @@ SYNTHETIC_OPS = {
 }
 SYNTHETIC_WORD_LEN = (3, 10)  # inclusive
 # "synthetic:long": the same operations on words of 20-40 letters, answers of ~16-80 letters (dup: 40-80),
-# where one wrong or missing letter shifts everything after it: more room for exposure bias (README, H4).
+# where one wrong or missing letter shifts everything after it: more room for exposure bias
+# (docs/study.md, H4).
 SYNTHETIC_LONG_WORD_LEN = (20, 40)
 
 

@@ -1,4 +1,7 @@
 # Dolly x OpenLlama-3B, MLE: continued next-token training for the same 1000 steps.
 from paper import dolly_llama3b
 
-config = dict(dolly_llama3b, objective="mle", micro_batch_size=8, out_dir="out/dolly_llama3b_mle")
+config = dict(dolly_llama3b,
+              objective="mle",
+              micro_batch_size=8,
+              out_dir="out/dolly_llama3b_mle")

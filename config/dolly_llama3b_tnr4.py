@@ -2,4 +2,10 @@
 # 1000-step MLE model (§5.1, Figure 1: dolly_llama3b_sft1000.py), which is also its pi_ref.
 from paper import dolly_llama3b
 
-config = dict(dolly_llama3b, objective="cpo", negatives="tn:4", ranked=True, steps=200, init_from="out/dolly_llama3b_sft1000/final", out_dir="out/dolly_llama3b_tnr4")
+config = dict(dolly_llama3b,
+              objective="cpo",
+              negatives="tn:4",
+              ranked=True,
+              steps=200,
+              init_from="out/dolly_llama3b_sft1000/final",
+              out_dir="out/dolly_llama3b_tnr4")

@@ -6,12 +6,25 @@
 common = dict(lr=1e-5, weight_decay=0.05, batch_size=64, beta=5.0, max_len=512, warmup_steps=50,
               schedule="constant", grad_clip=1.0, log_interval=10, eval_interval=200, ckpt_interval=200)
 
-dolly_gpt2xl = dict(common, task="dolly", init_from="out/dolly_gpt2xl_sft/final", steps=1000, micro_batch_size=2)
-# Memory (python train.py PRESET --plan --plan_world_size=8): on 8 x A100-80GB every OpenLlama-3B run needs
-# --fsdp (the CPO runs ~134 GiB per GPU under DDP, 61 GiB sharded); GPT2-XL runs use DDP where the plan leaves
-# >= 20% of the 80 GiB free, and --fsdp otherwise (its CPO runs: 69 GiB under DDP, 36 GiB sharded).
-dolly_llama3b = dict(common, task="dolly", init_from="out/dolly_llama3b_sft/final", steps=1000, micro_batch_size=2,
+dolly_gpt2xl = dict(common,
+                    task="dolly",
+                    init_from="out/dolly_gpt2xl_sft/final",
+                    steps=1000,
+                    micro_batch_size=2)
+# Memory (python train.py PRESET --plan --plan_world_size=8): on 8 x A100-80GB every OpenLlama-3B run
+# needs --fsdp (the CPO runs ~134 GiB per GPU under DDP, 61 GiB sharded); GPT2-XL runs use DDP where the
+# plan leaves >= 20% of the 80 GiB free, and --fsdp otherwise (its CPO runs: 69 GiB under DDP, 36 GiB
+# sharded).
+dolly_llama3b = dict(common,
+                     task="dolly",
+                     init_from="out/dolly_llama3b_sft/final",
+                     steps=1000,
+                     micro_batch_size=2,
                      fsdp=True)
 # Wikipedia: one document per line, jsonl {"text": ...} or plain text, at this path or an http(s) URL
-wiki_llama3b = dict(common, task="wiki:data/wikipedia.jsonl", init_from="out/wiki_llama3b_sft/final", steps=1000,
-                    micro_batch_size=2, fsdp=True)
+wiki_llama3b = dict(common,
+                    task="wiki:data/wikipedia.jsonl",
+                    init_from="out/wiki_llama3b_sft/final",
+                    steps=1000,
+                    micro_batch_size=2,
+                    fsdp=True)

@@ -5,19 +5,22 @@
 # `experiment` holds the command's own settings, and `tiny` what --scale tiny overrides (the test's size).
 #
 # Sizes: 3 seeds took 17.0 minutes on 2 shared CPU cores (two runs at a time, one thread each): a reference
-# ~4 min (600 steps, its AN cache and its scores), a CPO run 30-45 s, MLE 8 s, DPO/PSS 15-20 s, an ensemble 4 s.
+# ~4 min (600 steps, its AN cache and its scores), a CPO run 30-45 s, MLE 8 s, DPO/PSS 15-20 s, an ensemble
+# 4 s.
 # A CPO step with K = 12 costs ~15 MLE steps of the same batch, so the CPO runs use 4 negatives per example
 # (K = 5), as the paper's negative-type ablation does.
 
 config = dict(task="synthetic", init_from="scratch", n_layer=4, n_head=4, n_embd=128, max_len=48,
               n_val=64, device="cpu", log_interval=25, eval_interval=0, ckpt_interval=0, keep_last=1)
 
-_continued = dict(init_from="ref", steps=50, batch_size=16, micro_batch_size=16, lr=2e-4, n_train=800)  # 50 x 16: each example once
+# 50 steps x 16: each of the 800 examples once
+_continued = dict(init_from="ref", steps=50, batch_size=16, micro_batch_size=16, lr=2e-4, n_train=800)
 _cpo = dict(_continued, objective="cpo")
 
 stages = dict(
-    ref=dict(objective="mle", steps=600, batch_size=64, micro_batch_size=64, lr=3e-3, warmup_steps=50,  # as default.py's
-             schedule="cosine", weight_decay=0.1, n_train=20000, ckpt_interval=200),
+    ref=dict(objective="mle", steps=600, batch_size=64, micro_batch_size=64,  # as default.py's
+             lr=3e-3, warmup_steps=50, schedule="cosine", weight_decay=0.1, n_train=20000,
+             ckpt_interval=200),
     mle=dict(_continued, objective="mle"),
     cpo_an=dict(_cpo, negatives="an:4"),            # an_cache: filled in per seed by the command
     cpo_anr=dict(_cpo, negatives="an:4", ranked=True),

@@ -1,9 +1,10 @@
-# "When does CPO help?" (README), part 1: the built-in synthetic task. Run by
+# "When does CPO help?" (docs/study.md), part 1: the built-in synthetic task. Run by
 #     python miniature.py --config experiments/study.py --out out/study
 # Every setting tried, on seeds 0-2, scored on the *val* split (test words, a stream of their own), never on
 # the test prompts. The reference is the miniature's (experiments/miniature.py), so its runs can be shared.
 # Each continued row names its hypothesis; `baselines` pairs it with MLE continued at the same steps, batch
-# and lr. Chosen setting: the largest mean val exact-match gain over its baseline (experiments/study_final.py).
+# and lr. Chosen setting: the largest mean val exact-match gain over its baseline
+# (experiments/study_final.py).
 import os
 import runpy
 
@@ -24,20 +25,33 @@ stages = dict(
     cpo_an_200_beta0_5=dict(_longer, **_an, beta=0.5),                    # H1
     cpo_an_200_alpha1=dict(_longer, **_an, mle_weight=1.0),               # H2: 1 * L_MLE + L_CPO
     cpo_an_t0_5_200=dict(_longer, **_an, an_cache="an_t0.5"),             # H3: AN at temperature 0.5
-    cpo_mixn_200=dict(_longer, objective="cpo", negatives="bn:1,mn:2,tn:1"),  # the paper's mix; MN from pi_theta
-    # Round 2, written after round 1 (README): lr 1e-3 wrecked every CPO run, so gentler and longer, and an
-    # MLE term weighted to match the CPO term's scale (beta x answer length ~ 5 x 8 tokens: alpha ~ 30)
+    # the paper's mix; MN from pi_theta
+    cpo_mixn_200=dict(_longer, objective="cpo", negatives="bn:1,mn:2,tn:1"),
+    # Round 2, written after round 1 (docs/study.md): lr 1e-3 wrecked every CPO run, so gentler and longer,
+    # and an MLE term weighted to match the CPO term's scale (beta x answer length ~ 5 x 8 tokens:
+    # alpha ~ 30)
     mle_200_lr5e_5=dict(_gentle, objective="mle"),
     cpo_an_200_lr5e_5=dict(_gentle, **_an),                               # R1: gentle and long
     cpo_an_200_lr5e_5_alpha30=dict(_gentle, **_an, mle_weight=30.0),      # R2: ... with a matched MLE term
     cpo_an_alpha30=dict(_continued, **_an, mle_weight=30.0),              # R2 at the miniature's budget
-    cpo_mixn=dict(_continued, objective="cpo", negatives="bn:1,mn:2,tn:1"),  # R3: the model's own samples, gently
+    # R3: the model's own samples, gently
+    cpo_mixn=dict(_continued, objective="cpo", negatives="bn:1,mn:2,tn:1"),
 )
 
 tiny = _mini["tiny"]  # --scale tiny: the smoke test (tests/test_study.py)
 
+# each row's MLE baseline: the MLE run of the same steps, batch and lr
+_baselines = {}
+for _name in stages:
+    if "lr5e_5" in _name:
+        _baselines[_name] = "mle_200_lr5e_5"
+    elif "_200" in _name:
+        _baselines[_name] = "mle_200"
+    else:
+        _baselines[_name] = "mle"
+
 experiment = dict(
     seeds="0,1,2", n_eval=500, split="val", alphas="", jobs=2,
     an_temperatures={"an_t0.5": 0.5},                   # seed<S>/an_t0.5/: the H3 cache (seed<S>/an/: T = 1)
-    baselines={name: "mle_200_lr5e_5" if "lr5e_5" in name else "mle_200" if "_200" in name else "mle" for name in stages},
+    baselines=_baselines,
 )
