@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import negatives
+from decoding import generate, left_pad, prefill
 from hf import config_from_hf, from_hf_state_dict, save_pretrained
-from model import ModelConfig, Transformer, left_pad, positions_and_mask, prefill
+from model import ModelConfig, Transformer, positions_and_mask
 
 
 def timeit(fn, warmup=1, repeat=3):
@@ -93,7 +94,7 @@ def bench_model():
     per_token = {}
     for B in (1, 8):
         p = torch.randint(V, (B, 16))
-        t_ours, t_hf = race(lambda: ours.generate(p, n_new, temperature=0),
+        t_ours, t_hf = race(lambda: generate(ours, p, n_new, temperature=0),
                             lambda: hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n_new,
                                                 do_sample=False, pad_token_id=0), repeat=3)
         per_token[B] = t_ours / n_new, t_hf / n_new
@@ -179,7 +180,7 @@ def bench_loss():
 # ----------------------------------------------------------------------------- negatives
 @torch.no_grad()
 def _bare_sampling_loop(model, idx, mask, new_tokens, top_k, generator):
-    """A reference point for any eager PyTorch sampler on a GPT-2: the same kernels as model.generate (linear,
+    """A reference point for any eager PyTorch sampler on a GPT-2: the same kernels as decoding.generate (linear,
     layer norm, SDPA, gelu, top-k and an exponential race) called in one flat loop, with no modules, no
     checks and no end-of-sequence bookkeeping. If generate is as fast as this, what is left to gain is in
     the kernels themselves, not in Python."""

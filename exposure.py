@@ -10,7 +10,7 @@ the prompt alone, and 0 everywhere for a model whose greedy answers are all righ
 exposure bias. The overall numbers pool every (answer, position) pair (so the overall FR is a token
 accuracy weighted by answer length, unlike token_accuracy's mean over answers).
 
-    gens = evaluate.greedy_continuations(net, tok, examples, n_new)       # the model's greedy answers
+    gens = decoding.greedy_continuations(net, tok, examples, n_new)       # the model's greedy answers
     measure = exposure.exposure_bias(net, tok, examples, gens)           # JSON-able: positions, buckets, overall
 """
 import torch

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import data
+import decoding
 import evaluate
 import exposure
 import hf
@@ -48,10 +49,11 @@ import mauve
 import negatives
 import tokenizer
 import train
+from charts import svg_chart
 from common import log, write_atomic, write_jsonl_atomic
 
 METRICS = ("exact_match", "correct_stop", "token_accuracy", "mauve", "sampled_exact_match")
-SAMPLED = dict(evaluate.GREEDY, temperature=1.0, top_k=50)  # the paper's decoding for generation: top-k 50
+SAMPLED = dict(decoding.GREEDY, temperature=1.0, top_k=50)  # the paper's decoding for generation: top-k 50
 
 
 def miniature_settings(path, scale):
@@ -88,17 +90,17 @@ def miniature_score(model_dir, ref_dir, examples, out_path, task="synthetic", se
     net, tok = hf.load(model_dir)
     net.eval()
     n_new, truths = data.synthetic_max_new_tokens(task), [e.continuation_ids for e in examples]
-    gens = evaluate.greedy_continuations(net, tok, examples, n_new, batch_size=64)
+    gens = decoding.greedy_continuations(net, tok, examples, n_new, batch_size=64)
     if exposure_path and measure is None:
         measure = exposure.exposure_bias(net, tok, examples, gens)
         write_atomic(exposure_path, json.dumps(measure))
     if scores is None:
         scores = data.score_synthetic(gens, truths, tok.eos_id)
         generator = negatives.make_generator(seed, "miniature-sampled")  # the same draws for every model of a seed
-        sampled = [g for s in range(0, len(examples), 64) for g in evaluate.generate_batch(
+        sampled = [g for s in range(0, len(examples), 64) for g in decoding.generate_batch(
             net, tok, [e.prompt_ids for e in examples[s:s + 64]], n_new, SAMPLED, generator)]
         scores.update({f"sampled_{k}": v for k, v in data.score_synthetic(sampled, truths, tok.eos_id).items()})
-        texts = [e.prompt + evaluate.new_text(tok, g) for e, g in zip(examples, gens)]
+        texts = [e.prompt + decoding.new_text(tok, g) for e, g in zip(examples, gens)]
         texts += [e.prompt + e.response for e in examples]
         feats = evaluate.featurize(texts, ref_dir, batch_size=128)
         scores["mauve"] = mauve.compute_mauve(feats[:len(examples)], feats[len(examples):])
@@ -276,7 +278,8 @@ def curves_chart(path, results, names, seeds, key, ylabel):
         if all(runs) and key in runs[0][0]:
             curves[name] = [(points[0]["step"], float(np.mean([p[key] for p in points]))) for points in zip(*runs)]
     if curves:
-        evaluate.svg_chart(path, curves, "step", ylabel, f"{ylabel}, mean over seeds {', '.join(map(str, seeds))}")
+        title = f"{ylabel}, mean over seeds {', '.join(map(str, seeds))}"
+        write_atomic(path, svg_chart(curves, "step", ylabel, title))
 
 
 def spread_cells(results, name, seeds):
@@ -351,12 +354,14 @@ def exposure_charts(out, results, runs, seeds):
         return [(i, float(np.mean([p[key][i] for p in positions[label]]))) for i in range(reach[label])]
 
     seeds_text = f"mean over seeds {', '.join(map(str, seeds))}"
-    evaluate.svg_chart(os.path.join(out, "exposure.svg"),
-                       {f"{label} {key.upper()}": curve(label, key) for label in runs for key in ("tf", "fr")},
-                       "position in the answer", "token accuracy",
-                       f"teacher-forced (TF), free-running (FR), {seeds_text}")
-    evaluate.svg_chart(os.path.join(out, "exposure_gap.svg"), {label: curve(label, "gap") for label in runs},
-                       "position in the answer", "gap TF - FR", f"exposure-bias gap by position, {seeds_text}")
+    accuracies = {f"{label} {key.upper()}": curve(label, key) for label in runs for key in ("tf", "fr")}
+    write_atomic(os.path.join(out, "exposure.svg"),
+                 svg_chart(accuracies, "position in the answer", "token accuracy",
+                           f"teacher-forced (TF), free-running (FR), {seeds_text}"))
+    gaps = {label: curve(label, "gap") for label in runs}
+    write_atomic(os.path.join(out, "exposure_gap.svg"),
+                 svg_chart(gaps, "position in the answer", "gap TF - FR",
+                           f"exposure-bias gap by position, {seeds_text}"))
 
 
 def seed_gaps_table(results, name, seeds):
@@ -447,8 +452,9 @@ def miniature(args):
         alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
         write_atomic(os.path.join(args.out, "alpha.md"), alpha_header + "\n\n" + alphas_md + "\n")
         sweep = [(a, *mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds])) for a in alphas]
-        evaluate.svg_chart(os.path.join(args.out, "alpha.svg"), {f"{best}, mean ± std over seeds": sweep},
-                           "alpha (weight of the MLE model)", "exact match, held-out", f"alpha * MLE + (1 - alpha) * {best}")
+        write_atomic(os.path.join(args.out, "alpha.svg"),
+                     svg_chart({f"{best}, mean ± std over seeds": sweep}, "alpha (weight of the MLE model)",
+                               "exact match, held-out", f"alpha * MLE + (1 - alpha) * {best}"))
         print("\n" + alpha_header + "\n\n" + alphas_md, flush=True)
     log(f"miniature: done in {(time.time() - t0) / 60:.1f} min; {args.out}/results.md, {args.out}/alpha.md")
     return table, alphas_md

@@ -1,6 +1,7 @@
 """
-nanoCPO's model: one decoder-only Transformer, GPT-2 or LLaMA by `config.model_type`, and generation with a
-preallocated KV cache. Reading and writing HF folders (config.json, safetensors) is hf.py's job.
+nanoCPO's model: one decoder-only Transformer, GPT-2 or LLaMA by `config.model_type`, with a preallocated
+KV cache for decoding. Decoding itself (sampling, beam search) is decoding.py's job; reading and writing
+HF folders (config.json, safetensors) is hf.py's.
 
     GPT-2: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings
     LLaMA: RoPE (rope_theta), RMSNorm, SwiGLU, no biases, grouped-query attention, untied head (by default)
@@ -9,8 +10,8 @@ Names: tok_emb, pos_emb (gpt2), blocks[i].{norm1, attn.qkv, attn.proj, norm2, ml
 lm_head. attn.qkv fuses q, k, v and LLaMA's mlp.fc fuses gate and up (gate first): one matmul instead of
 three (two), which matters most in a decoding step, where every kernel launch counts.
 
-Generation, in the order it runs: Transformer.generate -> prefill (the prompts into a fresh cache) ->
-decode_n_tokens (sample_next_token, then decode_one_token, until every row has its EOS), or beam_search.
+A decoding step needs three things from here: positions_and_mask (a row's positions and attention mask,
+its prompt and every token to come), Transformer.new_kv_cache and Transformer.next_logits.
 """
 import math
 from dataclasses import dataclass
@@ -150,13 +151,14 @@ class Attention(nn.Module):
         return q, k, v
 
     def shared_prompt(self, x, rope, sp):
-        """x (1, B P + B K S, C) packed as `sp` says -> (1, B P + B K S, C). The prompts attend to themselves as
-        in forward; each continuation attends to its own prompt's keys/values, computed once, then causally to
-        itself. The prompt's k/v are an expanded view over the K continuations; the cat with the continuation's
-        own k/v is the one copy SDPA needs (2 nkv hd numbers per prompt token and continuation)."""
+        """x (1, B P + B K S, C) packed as `sp` says -> (1, B P + B K S, C). The prompts attend to
+        themselves as in forward; each continuation attends to its own prompt's keys/values, computed once,
+        then causally to itself. The prompt's k/v are an expanded view over the K continuations; the cat with
+        the continuation's own k/v is the one copy SDPA needs (2 nkv hd numbers per prompt token and
+        continuation)."""
         B, P, K, S = sp.B, sp.P, sp.K, sp.S
         rope_p = rope_c = None
-        if rope is not None:  # (1, 1, N, hd) each -> the prompts' (B, 1, P, hd), the continuations' (B K, 1, S, hd)
+        if rope is not None:  # (1, 1, N, hd) each -> prompts' (B, 1, P, hd), continuations' (B K, 1, S, hd)
             (cos_p, cos_c), (sin_p, sin_c) = (unpack(r[0, 0], sp) for r in rope)
             rope_p, rope_c = (cos_p[:, None], sin_p[:, None]), (cos_c[:, None], sin_c[:, None])
         qkv_p, qkv_c = unpack(self.qkv(x[0]), sp)                          # (B, P, .), (B K, S, .)
@@ -215,9 +217,9 @@ def positions_and_mask(attention_mask, S):
 
 @dataclass
 class SharedPrompt:
-    """How a packed row of B P + B K S tokens reads (Transformer.forward_shared_prompt): first B left-padded
-    prompts of P tokens, then each prompt's K right-padded continuations of S tokens. Every layer but attention
-    works token by token, so only Attention unpacks it (passed in trunk's `mask` slot)."""
+    """How a packed row of B P + B K S tokens reads (Transformer.forward_shared_prompt): first B
+    left-padded prompts of P tokens, then each prompt's K right-padded continuations of S tokens. Every
+    layer but attention works token by token, so only Attention unpacks it (passed in trunk's `mask` slot)."""
     B: int
     P: int
     K: int
@@ -239,7 +241,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg = config
         # on the meta device (hf.load, plan.py) nn.Embedding's own N(0, 1) init costs seconds (it imports
-        # torch._dynamo) for nothing: give it an empty weight there; elsewhere it runs as always (same RNG draws)
+        # torch._dynamo) for nothing: give it an empty weight there; elsewhere it runs as always (same RNG
+        # draws)
         empty = (lambda *shape: torch.empty(shape)) if torch.empty(0).is_meta else (lambda *shape: None)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=empty(cfg.vocab_size, cfg.n_embd))
         self.pos_emb = (nn.Embedding(cfg.max_seq_len, cfg.n_embd, _weight=empty(cfg.max_seq_len, cfg.n_embd))
@@ -256,9 +259,10 @@ class Transformer(nn.Module):
         self.register_load_state_dict_post_hook(_retie_after_load)
 
     def init_weights(self):
-        """GPT-2's init for training from scratch: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)
-        so the residual stream's variance doesn't grow with depth. (A no-op on the meta device.)"""
-        if self.tok_emb.weight.is_meta:  # loading will assign every tensor; nn.init on meta is needlessly slow
+        """GPT-2's init for training from scratch: N(0, 0.02), residual projections scaled by
+        1/sqrt(2 n_layer) so the residual stream's variance doesn't grow with depth. (A no-op on the meta
+        device.)"""
+        if self.tok_emb.weight.is_meta:  # loading will assign every tensor; nn.init on meta is slow
             return
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -288,15 +292,16 @@ class Transformer(nn.Module):
         return x if return_hidden else self.lm_head(x)                     # (B, T, V)
 
     def forward_shared_prompt(self, prompt, prompt_mask, cont):
-        """B prompts with K continuations each, every prompt run once: prompt (B, P) LEFT-padded (prompt_mask
-        (B, P) 0/1, None: no padding), cont (B, K, S) right-padded -> final-normed hidden states of the prompts
-        (B, P, C) and of the continuations (B, K, S, C): the ordinary forward's numbers on each prompt +
-        continuation. All B P + B K S tokens go through trunk as one packed row; gradients reach a prompt's
-        computation from all its K continuations, summed, as in the naive path."""
+        """B prompts with K continuations each, every prompt run once: prompt (B, P) LEFT-padded
+        (prompt_mask (B, P) 0/1, None: no padding), cont (B, K, S) right-padded -> final-normed hidden
+        states of the prompts (B, P, C) and of the continuations (B, K, S, C): the ordinary forward's numbers
+        on each prompt + continuation. All B P + B K S tokens go through trunk as one packed row; gradients
+        reach a prompt's computation from all its K continuations, summed, as in the naive path."""
         (B, P), (_, K, S), dev = prompt.shape, cont.shape, prompt.device
         prompt_mask = torch.ones_like(prompt) if prompt_mask is None else prompt_mask
         pos_p, mask_p = positions_and_mask(prompt_mask, P)                 # (B, P), (B, 1, P, P)
-        pos_c = prompt_mask.sum(-1, keepdim=True) + torch.arange(S, device=dev)  # (B, S): from the true length
+        # (B, S): the continuations' positions count from each prompt's true length
+        pos_c = prompt_mask.sum(-1, keepdim=True) + torch.arange(S, device=dev)
         if self.pos_emb is not None:  # past the table can only be padding (the caller's rows fit)
             pos_c = pos_c.clamp(max=self.config.max_seq_len - 1)
         causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
@@ -309,8 +314,9 @@ class Transformer(nn.Module):
         return h_p, h_c.view(B, K, S, -1)
 
     def trunk(self, idx, pos, mask=None, cache=None, start=0):
-        """idx (B, T), pos (B or 1, T) -> final-normed hidden (B, T, C). With a cache (one (k, v) per layer,
-        each (B, nkv, S, hd)) the new keys/values go to [start, start + T) and mask is (B, 1, T, start + T)."""
+        """idx (B, T), pos (B or 1, T) -> final-normed hidden (B, T, C). With a cache (one (k, v) per
+        layer, each (B, nkv, S, hd)) the new keys/values go to [start, start + T) and mask is
+        (B, 1, T, start + T)."""
         x = self.tok_emb(idx)                                              # (B, T, C)
         rope = None
         if self.pos_emb is not None:
@@ -319,7 +325,8 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)   # (B, T, C), recomputed in backward
+                # (B, T, C), its insides recomputed in the backward
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache[i] if cache else None, start)
         return self.norm_f(x)
@@ -336,37 +343,13 @@ class Transformer(nn.Module):
         return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in self.blocks]
 
     def next_logits(self, idx, pos, mask, cache, start):
-        """One cached forward: idx (B, T) into cache slots [start, start + T) -> last position's logits (B, V).
-        pos (B, S) and mask (B, 1, S, S) cover the whole sequence; a step reads only the slots filled so far
-        (at batch 32 of a small model, reading the cache's empty tail was a third of the attention time)."""
+        """One cached forward: idx (B, T) into cache slots [start, start + T) -> the last position's
+        logits (B, V). pos (B, S) and mask (B, 1, S, S) cover the whole sequence; a step reads only the slots
+        filled so far (at batch 32 of a small model, reading the cache's empty tail was a third of the
+        attention time)."""
         end = start + idx.shape[1]
         h = self.trunk(idx, pos[:, start:end], mask[:, :, start:end, :end], cache, start)  # (B, T, C)
         return self.lm_head(h[:, -1])                                      # (B, V)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
-                 num_beams=1, length_penalty=1.0, eos_id=None, pad_id=None, generator=None):
-        """idx (B, T) prompts, LEFT-padded when attention_mask (B, T) is given -> (B, max_new_tokens) new tokens.
-        temperature 0 = greedy. eos_id None = config.eos_id (-1: never stop); after a row's EOS come pad_id
-        (default eos_id). num_beams > 1: beam search with HF's scoring (sum of log-probs / new_length **
-        length_penalty), returning each row's best hypothesis (sampling arguments are ignored)."""
-        B, T = idx.shape
-        eos_id = self.config.eos_id if eos_id is None else eos_id
-        eos_id = -1 if eos_id is None else eos_id                          # no token is -1
-        pad_id = (eos_id if eos_id >= 0 else 0) if pad_id is None else pad_id
-        if max_new_tokens <= 0:
-            return idx.new_full((B, max_new_tokens), pad_id)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(idx)
-        elif (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
-            raise ValueError("generate needs LEFT-padded prompts: each attention_mask row must be 0..0 1..1")
-        S = T + max_new_tokens
-        self._check_length(S)
-        pos, mask = positions_and_mask(attention_mask, S)                  # (B, S), (B, 1, S, S)
-        if num_beams > 1:
-            return beam_search(self, idx, pos, mask, max_new_tokens, num_beams, length_penalty, eos_id, pad_id)
-        return decode_n_tokens(self, idx, pos, mask, max_new_tokens, eos_id, pad_id,
-                               temperature, top_k, top_p, generator)
 
 
 def _retie_after_load(model, incompatible_keys):
@@ -375,127 +358,8 @@ def _retie_after_load(model, incompatible_keys):
         incompatible_keys.missing_keys.remove("lm_head.weight")  # it is tok_emb.weight
 
 
-# ----------------------------------------------------------------------------- generation
-# A row's positions pos (B, S) and attention mask (B, 1, S, S) cover its prompt and every token to come;
-# the cache has a slot per position, and the token generated at step t goes to slot T + t.
-
-def left_pad(prompts, pad_id):
-    """Prompts (lists of ids) -> idx (B, T) left-padded and attention_mask (B, T), 0 on padding: generate's input."""
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
-    return idx, mask
-
-
-def prefill(model, idx, pos, mask):
-    """The prompts idx (B, T) into a fresh cache -> (logits for the first new token (B, V), the cache)."""
-    cache = model.new_kv_cache(*pos.shape)
-    return model.next_logits(idx, pos, mask, cache, 0), cache
-
-
-def decode_one_token(model, tok, pos, mask, cache, slot):
-    """tok (B,) into cache slot `slot` -> logits for the token after it (B, V)."""
-    return model.next_logits(tok[:, None], pos, mask, cache, slot)
-
-
-def decode_n_tokens(model, idx, pos, mask, n, eos_id, pad_id, temperature, top_k, top_p, generator):
-    """Sample n tokens after the prompts idx (B, T) -> (B, n); after a row's EOS comes pad_id."""
-    B, T = idx.shape
-    out = idx.new_full((B, n), pad_id)
-    logits, cache = prefill(model, idx, pos, mask)                         # (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    for t in range(n):
-        tok = sample_next_token(logits, temperature, top_k, top_p, generator).masked_fill(done, pad_id)  # (B,)
-        done |= tok == eos_id
-        out[:, t] = tok
-        # asking "all done?" makes the host wait for the device, so only every 8th step
-        if t == n - 1 or (t % 8 == 7 and bool(done.all())):
-            break
-        logits = decode_one_token(model, tok, pos, mask, cache, T + t)
-    return out
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next tokens (B,). temperature 0 = greedy (argmax). Otherwise sample from
-    softmax(logits / temperature), restricted first to the top_k logits (a tie at the k-th is broken by
-    torch.topk), then to the nucleus: the most likely tokens up to and including the one that brings their
-    mass to top_p (HF's order and rule). The only place nanoCPO samples; its randomness use doesn't depend
-    on the logits' values."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits, index = logits.float() / temperature, None
-    if top_k is not None:  # from here on only the k candidates: at V = 50257 and k = 50 that is 1000x less work
-        logits, index = logits.topk(min(top_k, logits.size(-1)), dim=-1)    # (B, k), best first
-    if top_p is not None and top_p < 1.0:
-        if index is None:
-            logits, index = logits.sort(dim=-1, descending=True)            # (B, V), best first
-        p = logits.softmax(dim=-1)
-        logits = logits.masked_fill(p.cumsum(dim=-1) - p >= top_p, float("-inf"))  # mass before it >= top_p
-    probs = logits.softmax(dim=-1)
-    # argmax of p / Exp(1) noise is an exact draw from p (the exponential race, = Gumbel-max) and, unlike
-    # torch.multinomial, never makes the host wait for the device
-    noise = torch.empty_like(probs).exponential_(1, generator=generator).clamp_(min=1e-30)
-    choice = (probs / noise).argmax(dim=-1)                                  # (B,)
-    return choice if index is None else index.gather(-1, choice[:, None]).squeeze(-1)
-
-
-def beam_search(model, idx, pos, mask, n, nb, length_penalty, eos_id, pad_id):
-    """HF's beam search with early_stopping=False: nb beams per prompt of idx (B, T) -> each row's best
-    hypothesis (B, n). Per step keep the 2 nb best (beam, token) candidates so nb beams stay alive even if
-    some end; an ending candidate (EOS, or the last step) among the top nb becomes a finished hypothesis
-    scored logp_sum / n_new ** length_penalty, and the nb best finished are kept. A row stops once nb are
-    finished and its best live beam, scored at its current length, can't beat the worst of them.
-    A score of -inf marks what doesn't count: beams not started, ended candidates, empty finished slots."""
-    B, T = idx.shape
-    V, dev, never = model.config.vocab_size, idx.device, -math.inf
-    rows = torch.arange(B, device=dev).repeat_interleave(nb)            # (B nb,) prompt row of each beam
-    pos, mask = pos[rows], mask[rows]
-    logits, cache = prefill(model, idx[rows], pos, mask)                 # (B nb, V)
-
-    seqs = idx.new_full((B, nb, n), pad_id)                              # live beams
-    scores = torch.full((B, nb), never, device=dev)                      # their summed log-probs
-    scores[:, 0] = 0.0                                                   # all beams start equal: expand one
-    fin_seqs, fin_scores = seqs.clone(), torch.full((B, nb), never, device=dev)  # finished, best first
-    can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    in_top_nb = torch.arange(2 * nb, device=dev) < nb
-    offset = torch.arange(B, device=dev)[:, None] * nb
-    for t in range(n):
-        logp = F.log_softmax(logits.float(), dim=-1).view(B, nb, V) + scores[..., None]  # (B, nb, V)
-        cand_scores, cand = logp.view(B, nb * V).topk(2 * nb)            # (B, 2 nb), best first
-        beam, tok = cand // V, cand % V
-        cand_seqs = take(seqs, beam)                                      # (B, 2 nb, n)
-        cand_seqs[:, :, t] = tok
-        ends = (tok == eos_id) | (t == n - 1)                             # max length ends them all
-        # the nb best candidates that didn't end go on
-        live = cand_scores.masked_fill(ends, never)
-        keep = live.topk(nb).indices                                      # (B, nb)
-        seqs, scores, src = take(cand_seqs, keep), take(live, keep), take(beam, keep)
-        # the nb best finished hypotheses so far, from the old ones and the ending candidates that count
-        counts = ends & in_top_nb & can_improve                          # (B, 2 nb)
-        new_scores = (cand_scores / (t + 1) ** length_penalty).masked_fill(~counts, never)
-        fin_seqs, fin_scores = best_of(torch.cat([fin_seqs, cand_seqs], dim=1),
-                                       torch.cat([fin_scores, new_scores], dim=1), nb)
-        if t == n - 1:
-            break
-        worst = fin_scores[:, -1:]                                        # (B, 1), -inf until nb are finished
-        can_improve &= scores[:, :1] / (t + 1) ** length_penalty > worst
-        if not bool(can_improve.any()):
-            break
-        flat = (src + offset).view(-1)                                    # (B nb,) cache row each beam extends
-        cache = [(k[flat], v[flat]) for k, v in cache]
-        logits = decode_one_token(model, seqs[:, :, t].reshape(-1), pos, mask, cache, T + t)  # (B nb, V)
-    return fin_seqs[:, 0]
-
-
-def best_of(seqs, scores, k):
-    """seqs (B, J, n), scores (B, J) -> the k best of each row (B, k, n), (B, k), best first."""
-    best = scores.topk(k).indices
-    return take(seqs, best), take(scores, best)
-
-
-def take(x, i):
-    """x (B, K, ...), i (B, J) -> x[b, i[b, j]] (B, J, ...): pick beams/candidates per row."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], i]
+def resolve_device(name):
+    """A --device setting -> a device name: "auto" is cuda when there is a GPU, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name

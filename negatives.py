@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from common import cut_at_eos, number, read_jsonl, write_atomic
 from data import load_task, pad_right
+from decoding import generate, left_pad
 from hf import load, window_len
-from model import left_pad
 
 KINDS = ("an", "bn", "mn", "tn")
 
@@ -116,9 +116,9 @@ def autoregressive_negatives(model, prompt_ids, n, top_k=50, max_new_tokens=128,
             idx, mask = left_pad(rows[s:s + batch_size], eos_id)
             steps = min(max_new_tokens, model.config.max_seq_len - idx.shape[1])
             assert steps >= 1, f"prompt of {idx.shape[1]} tokens leaves no room in max_seq_len"
-            new = model.generate(idx.to(device), steps, attention_mask=mask.to(device),
-                                 temperature=temperature, top_k=top_k, eos_id=eos_id, pad_id=eos_id,
-                                 generator=generator)  # (b, steps), pad after EOS
+            new = generate(model, idx.to(device), steps, attention_mask=mask.to(device),
+                           temperature=temperature, top_k=top_k, eos_id=eos_id, pad_id=eos_id,
+                           generator=generator)  # (b, steps), pad after EOS
             out += [end_with_eos(row, eos_id) for row in new.tolist()]
     return [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 

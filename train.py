@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cpo
 import data
-import evaluate
+import decoding
 import fsdp
 import negatives
 import plan
@@ -514,7 +514,7 @@ def changed_vs_reference(model, ref, tok, examples, autocast):
     model's behaviour as it was, whatever its loss did. Up to the longest held-out answer's length."""
     n_new = max(len(e.continuation_ids) for e in examples)
     with autocast:
-        gens = [evaluate.greedy_continuations(m, tok, examples, n_new) for m in (unwrap(model).eval(), ref.eval())]
+        gens = [decoding.greedy_continuations(m, tok, examples, n_new) for m in (unwrap(model).eval(), ref.eval())]
     return sum(cut_at_eos(a, tok.eos_id) != cut_at_eos(b, tok.eos_id) for a, b in zip(*gens)) / len(examples)
 
 # ----------------------------------------------------------------------------- the embedded default
@@ -543,7 +543,7 @@ def run_pipeline(preset_path, flags):
     for name, path in finals.items():
         model, tok = load(path)
         test_set = data.load_task(cfg.task, "test", tok, cfg.max_len, n=cfg.n_val, seed=cfg.seed)[:cfg.n_val]
-        rows.append((name, evaluate.task_scores(model.eval(), tok, test_set, cfg.task)))
+        rows.append((name, decoding.task_scores(model.eval(), tok, test_set, cfg.task)))
     print(f"\nheld-out {cfg.task} prompts: {len(test_set)}, greedy decoding")
     keys = list(rows[0][1])
     print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))

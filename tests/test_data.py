@@ -42,7 +42,8 @@ class AddsBosTok(BosTok):
 
 
 def write_lines(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    lines = [(r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows]
+    path.write_text("".join(lines), encoding="utf-8")
     return str(path)
 
 
@@ -66,7 +67,8 @@ def test_dolly_split_is_the_papers_and_stable(dolly_file, tmp_path, capsys):
     train = load_dolly(dolly_file, tok, "train", max_len=512)
     test = load_dolly(dolly_file, tok, "test", max_len=512)
     assert (len(train), len(test)) == (7505, 7506)
-    assert "dolly/train: 7505 examples, 0 prompts truncated, 0 continuations truncated, 0 dropped" in capsys.readouterr().out
+    counts = "dolly/train: 7505 examples, 0 prompts truncated, 0 continuations truncated, 0 dropped"
+    assert counts in capsys.readouterr().out
     ids_train, ids_test = [e.id for e in train], [e.id for e in test]
     assert not set(ids_train) & set(ids_test) and len(set(ids_train) | set(ids_test)) == 15011
     assert ids_train == sorted(ids_train, key=lambda s: int(s.split("-")[1]))  # returned in file order
@@ -129,8 +131,9 @@ def test_wiki_split_is_15_85_of_tokens(tmp_path, capsys):
         assert b.prompt_ids[len(head):] + b.continuation_ids[:-1] == list(docs[1].encode())  # cut in ids
         assert len(c.prompt_ids) == len(head) + 1 and c.continuation_ids == [ord("b"), 256]
         assert a.prompt == "x" * 15 and a.response == "x" * 85
-        assert "wiki/all: 3 examples, 0 prompts truncated, 0 continuations truncated, 0 dropped, 1 too short" \
-            in capsys.readouterr().out
+        counts = ("wiki/all: 3 examples, 0 prompts truncated, 0 continuations truncated, 0 dropped, "
+                  "1 too short")
+        assert counts in capsys.readouterr().out
     # plain text, one document per line; a long document is cut to max_len before the 15/85 split
     path = write_lines(tmp_path / "w.txt", ["y" * 20, "", "q" * 500])
     y, q = load_wiki(path, ByteTok(), max_len=101)
@@ -154,13 +157,15 @@ def test_one_eos_and_bos_only_where_used_and_mask_covers_eos(tok):
         else:
             assert seq[0] == tok.bos_id and seq.count(tok.bos_id) == 1
     input_ids, cont_mask = collate(examples, pad_id=tok.pad_id)
-    assert input_ids.shape == cont_mask.shape == (3, max(len(e.prompt_ids) + len(e.continuation_ids) for e in examples))
+    T = max(len(e.prompt_ids) + len(e.continuation_ids) for e in examples)
+    assert input_ids.shape == cont_mask.shape == (3, T)
     assert input_ids.dtype == torch.long and cont_mask.dtype == torch.bool
     for i, e in enumerate(examples):
         p, c = len(e.prompt_ids), len(e.continuation_ids)
         assert input_ids[i, :p + c].tolist() == e.prompt_ids + e.continuation_ids
         assert cont_mask[i].nonzero().flatten().tolist() == list(range(p, p + c))  # final EOS included
-        assert (input_ids[i, p + c:] == tok.pad_id).all() and not cont_mask[i, p + c:].any()  # pad == eos, masked out
+        # pad == eos, masked out
+        assert (input_ids[i, p + c:] == tok.pad_id).all() and not cont_mask[i, p + c:].any()
     assert cont_mask[0, len(examples[0].prompt_ids) + len(examples[0].continuation_ids) - 1]
 
 
@@ -188,8 +193,10 @@ def test_zero_continuation_and_zero_prompt_dropped_and_counted(tmp_path, capsys)
         {"prompt": "p", "response": EOS}, {"prompt": "", "response": "r"}])
     kept = load_jsonl(path, ByteTok(), max_len=32)
     assert [e.id for e in kept] == ["7"]
-    assert "pairs/all: 1 examples, 0 prompts truncated, 0 continuations truncated, 3 dropped" in capsys.readouterr().out
-    kept = load_jsonl(path, BosTok(), max_len=32)  # an empty prompt is fine when BOS precedes the continuation
+    counts = "pairs/all: 1 examples, 0 prompts truncated, 0 continuations truncated, 3 dropped"
+    assert counts in capsys.readouterr().out
+    # an empty prompt is fine when BOS precedes the continuation
+    kept = load_jsonl(path, BosTok(), max_len=32)
     assert [e.id for e in kept] == ["7", "pairs-3"] and kept[1].prompt_ids == [257]
     assert encode_example("x", "p", "r", ByteTok(), max_len=2) is None  # no room for prompt + response + EOS
 
@@ -201,13 +208,17 @@ def test_synthetic_task_is_deterministic_disjoint_and_correct():
     assert train == synthetic_pairs(3000, seed=0) and train[:100] == synthetic_pairs(100, seed=0)
     assert train != synthetic_pairs(3000, seed=1)
     # pinned: the same pairs on every machine and Python version (random.Random(str).random() only)
-    assert train[:3] == [("cons ypo=", "yp"), ("dup fkshcfcdnc=", "ffkksshhccffccddnncc"), ("rev woesczb=", "bzcseow")]
+    assert train[:3] == [("cons ypo=", "yp"),
+                         ("dup fkshcfcdnc=", "ffkksshhccffccddnncc"),
+                         ("rev woesczb=", "bzcseow")]
     test = synthetic_pairs(1000, seed=0, split="test")
     word = lambda prompt: prompt.split(" ")[1][:-1]
     assert not {word(p) for p, _ in train} & {word(p) for p, _ in synthetic_pairs(1000, seed=5, split="test")}
     assert not {word(p) for p, _ in train} & {word(p) for p, _ in test}
-    ops = {"rev": lambda s: s[::-1], "sort": lambda s: "".join(sorted(s)),
-           "dup": lambda s: "".join(2 * c for c in s), "cons": lambda s: "".join(c for c in s if c not in "aeiou")}
+    ops = {"rev": lambda s: s[::-1],
+           "sort": lambda s: "".join(sorted(s)),
+           "dup": lambda s: "".join(2 * c for c in s),
+           "cons": lambda s: "".join(c for c in s if c not in "aeiou")}
     for prompt, response in train + test:
         op, rest = prompt.split(" ")
         assert rest.endswith("=") and 3 <= len(rest) - 1 <= 10 and rest[:-1].isalpha() and rest[:-1].islower()
@@ -223,11 +234,13 @@ def test_synthetic_task_is_deterministic_disjoint_and_correct():
 def test_synthetic_metrics_on_hand_examples():
     E, P = 256, 256  # eos == pad, as with the byte tokenizer
     ref = [ord("c"), ord("b"), E]
-    assert exact_match([99, 98, E, P, P], ref, E) and correct_stop([99, 98, E, P, P], ref, E)
-    assert not exact_match([99, 98, 97, E, P], ref, E) and not correct_stop([99, 98, 97, E, P], ref, E)  # too long
-    assert not exact_match([99, E, P, P, P], ref, E) and not correct_stop([99, E, P, P, P], ref, E)     # stopped early
-    assert not exact_match([99, 98, 97, 96, 95], ref, E) and not correct_stop([99, 98, 97, 96, 95], ref, E)  # never stopped
-    assert not exact_match([99, 97, E, P, P], ref, E) and correct_stop([99, 97, E, P, P], ref, E)      # wrong letter
+    def both(gen):
+        return exact_match(gen, ref, E), correct_stop(gen, ref, E)
+    assert both([99, 98, E, P, P]) == (True, True)
+    assert both([99, 98, 97, E, P]) == (False, False)    # too long
+    assert both([99, E, P, P, P]) == (False, False)      # stopped early
+    assert both([99, 98, 97, 96, 95]) == (False, False)  # never stopped
+    assert both([99, 97, E, P, P]) == (False, True)      # wrong letter
     assert exact_match("dcba", "dcba") and not exact_match("dcb", "dcba")
     gens = torch.tensor([[99, 98, E, P], [99, 97, E, P], [99, E, P, P], [99, 98, 98, 98]])
     s = score_synthetic(gens, [ref] * 4, E)
@@ -243,7 +256,8 @@ def test_load_task_names(tmp_path):
     dolly = write_lines(tmp_path / "d.jsonl", dolly_rows(40))
     tok = ByteTok()
     assert len(load_task(f"jsonl:{jsonl}", "all", tok, 64)) == 40
-    assert len(load_task(f"jsonl:{jsonl}", "train", tok, 64)) + len(load_task(f"jsonl:{jsonl}", "test", tok, 64)) == 40
+    n_train = len(load_task(f"jsonl:{jsonl}", "train", tok, 64))
+    assert n_train + len(load_task(f"jsonl:{jsonl}", "test", tok, 64)) == 40
     assert len(load_task(f"wiki:{wiki}", "train", tok, 64, n=5)) == 5
     assert [e.id for e in load_task(f"dolly:{dolly}", "test", tok, 256)] == \
         [e.id for e in load_dolly(dolly, tok, "test", 256)]

@@ -1,4 +1,4 @@
-"""evaluate.py: generate, interpolate, report, featurize and task_scores on tiny random models."""
+"""evaluate.py: generate, interpolate, report and featurize; decoding.task_scores; on tiny random models."""
 import json
 import os
 from xml.etree import ElementTree
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import decoding
 import evaluate
 import hf
 import model
@@ -92,11 +93,11 @@ def test_generate_resumes_skipping_written_ids(tiny_pair, tmp_path, monkeypatch)
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:4]) + lines[4][:10])  # killed while writing the fifth line
     sent = []
-    real = evaluate.generate_batch
+    real = decoding.generate_batch
     def counting(net, tok, prompts, *args, **kwargs):
         sent.extend(prompts)
         return real(net, tok, prompts, *args, **kwargs)
-    monkeypatch.setattr(evaluate, "generate_batch", counting)
+    monkeypatch.setattr(decoding, "generate_batch", counting)
     evaluate.main(argv)
     assert len(sent) == 2
     now = out.read_text().splitlines(keepends=True)
@@ -109,7 +110,7 @@ def test_generate_resumes_skipping_written_ids(tiny_pair, tmp_path, monkeypatch)
 def test_task_scores_and_featurize(tiny_pair):
     net, tok = hf.load(tiny_pair[0])
     examples = data.load_task("synthetic", "test", tok, 48, n=5)
-    scores = evaluate.task_scores(net, tok, examples, "synthetic", batch_size=2)
+    scores = decoding.task_scores(net, tok, examples, "synthetic", batch_size=2)
     assert set(scores) >= {"exact_match", "correct_stop"} and all(0 <= v <= 1 for v in scores.values())
     texts = ["hello", "a longer text, padded less", "x"]
     feats = evaluate.featurize(texts, tiny_pair[0], batch_size=2)

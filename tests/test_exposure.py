@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-import evaluate
+import decoding
 import exposure
 import model
 import tokenizer
@@ -71,7 +71,7 @@ def test_buckets_pool_their_positions_and_skip_the_ones_no_answer_reaches():
 def test_at_the_first_answer_token_both_accuracies_are_equal(model_type):
     net, tok = tiny_model(model_type, n_layer=2), tokenizer.byte_tokenizer()
     examples = data.load_task("synthetic", "test", tok, 40, n=24)  # prompts of different lengths: padding differs
-    gens = evaluate.greedy_continuations(net, tok, examples, 21, batch_size=8)
+    gens = decoding.greedy_continuations(net, tok, examples, 21, batch_size=8)
     # the argmax given the prompt alone is the greedy answer's first token, for every prompt
     teacher_forced = exposure.teacher_forced_predictions(net, examples, tok.pad_id, batch_size=5)
     assert [p[0] for p in teacher_forced] == [g[0] for g in gens]
@@ -102,11 +102,11 @@ def memorising_model(examples, tok, steps=300):
         loss.backward()
         opt.step()
         if step % 25 == 24:
-            gens = evaluate.greedy_continuations(net.eval(), tok, examples, 21)
+            gens = decoding.greedy_continuations(net.eval(), tok, examples, 21)
             if data.score_synthetic(gens, [e.continuation_ids for e in examples], tok.eos_id)["exact_match"] == 1:
                 return net, gens
             net.train()
-    return net.eval(), evaluate.greedy_continuations(net, tok, examples, 21)
+    return net.eval(), decoding.greedy_continuations(net, tok, examples, 21)
 
 
 def test_a_model_whose_greedy_answers_are_all_right_has_no_gap_anywhere():

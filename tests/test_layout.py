@@ -12,7 +12,7 @@ FILES = sorted(glob.glob(os.path.join(ROOT, "*.py")))
 OURS = {os.path.basename(p)[:-3] for p in FILES}  # the top-level modules: what "a project import" means
 # bench.py measures cold starts and peak memory: these run in a fresh process, which imports what it measures
 FRESH_PROCESS_WORKERS = {"bench.py": {"_loss_worker", "_train_worker", "_shared_prompt_worker"}}
-STANDALONE = ("common", "model", "cpo", "judge", "mauve")  # copyable alone: they import nothing of ours
+STANDALONE = ("common", "model", "cpo", "judge", "mauve", "charts")  # copyable alone: import nothing of ours
 MAX_LINES, MAX_MODEL_LINES, MAX_CPO_LOSS_LINES = 550, 500, 40
 
 

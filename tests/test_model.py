@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from decoding import generate, sample_next_token
 from hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
-from model import Linear, ModelConfig, Transformer, sample_next_token
+from model import Linear, ModelConfig, Transformer
 
 PAD = 2
 
@@ -138,7 +139,7 @@ def test_greedy_matches_transformers(peaked_pair, n_threads):
     eos = pick_eos(hf, idx, mask, 32)
     expected = hf_new_tokens(hf, idx, mask, 32, do_sample=False, eos_token_id=eos)
     with threads(n_threads):
-        got = ours.generate(idx, 32, attention_mask=mask, temperature=0, eos_id=eos, pad_id=PAD)
+        got = generate(ours, idx, 32, attention_mask=mask, temperature=0, eos_id=eos, pad_id=PAD)
     assert (expected == PAD).any(), "EOS never hit: the test would not exercise stopping"
     assert torch.equal(got, expected)
 
@@ -150,8 +151,8 @@ def test_beam_search_matches_transformers(peaked_pair, length_penalty):
     eos = pick_eos(hf, idx, mask, 32)
     expected = hf_new_tokens(hf, idx, mask, 32, do_sample=False, num_beams=4, early_stopping=False,
                              length_penalty=length_penalty, eos_token_id=eos)
-    got = ours.generate(idx, 32, attention_mask=mask, num_beams=4, length_penalty=length_penalty,
-                        eos_id=eos, pad_id=PAD)
+    got = generate(ours, idx, 32, attention_mask=mask, num_beams=4, length_penalty=length_penalty,
+                   eos_id=eos, pad_id=PAD)
     assert torch.equal(got, expected)
 
 
@@ -173,13 +174,13 @@ def reference_generate(model, idx, mask, n, eos, generator, **sampling):
 def test_sampling_generate_matches_no_cache_reference(peaked_pair, sampling):
     _, ours = peaked_pair
     idx, mask = left_padded_prompts(ours.config.vocab_size, [3, 8, 6])
-    free = ours.generate(idx, 16, attention_mask=mask, eos_id=-1, generator=torch.Generator().manual_seed(7),
-                         **sampling)
+    free = generate(ours, idx, 16, attention_mask=mask, eos_id=-1, generator=torch.Generator().manual_seed(7),
+                    **sampling)
     eos = int(free[1, 4])   # row 1 then stops at step 4 at the latest (same random stream up to there)
-    got = ours.generate(idx, 16, attention_mask=mask, eos_id=eos, pad_id=PAD,
-                        generator=torch.Generator().manual_seed(7), **sampling)
-    again = ours.generate(idx, 16, attention_mask=mask, eos_id=eos, pad_id=PAD,
-                          generator=torch.Generator().manual_seed(7), **sampling)
+    got = generate(ours, idx, 16, attention_mask=mask, eos_id=eos, pad_id=PAD,
+                   generator=torch.Generator().manual_seed(7), **sampling)
+    again = generate(ours, idx, 16, attention_mask=mask, eos_id=eos, pad_id=PAD,
+                     generator=torch.Generator().manual_seed(7), **sampling)
     ref = reference_generate(ours, idx, mask, 16, eos, torch.Generator().manual_seed(7), **sampling)
     assert torch.equal(got, again)
     assert torch.equal(got, ref)
@@ -191,12 +192,12 @@ def test_sampling_generate_matches_no_cache_reference(peaked_pair, sampling):
 def test_generate_without_mask_and_zero_tokens(pair):
     _, ours = pair
     idx = torch.randint(3, 50, (2, 6))
-    assert ours.generate(idx, 0).shape == (2, 0)
-    a = ours.generate(idx, 5, temperature=0, eos_id=-1)
-    b = ours.generate(idx, 5, attention_mask=torch.ones_like(idx), temperature=0, eos_id=-1)
+    assert generate(ours, idx, 0).shape == (2, 0)
+    a = generate(ours, idx, 5, temperature=0, eos_id=-1)
+    b = generate(ours, idx, 5, attention_mask=torch.ones_like(idx), temperature=0, eos_id=-1)
     assert a.shape == (2, 5) and torch.equal(a, b)
     with pytest.raises(ValueError, match="LEFT"):
-        ours.generate(idx, 3, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]] * 2))
+        generate(ours, idx, 3, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]] * 2))
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -235,6 +235,7 @@ def test_build_cpo_batch_ranked_and_cache():
         build_cpo_batch(exs + [Ex("new", [1], [2, EOS])], "an:1", model, EOS, EOS, an_cache=cache)
 
 # ----------------------------------------------------------------------------- AN (the real model)
+import decoding  # noqa: E402
 import hf  # noqa: E402
 import model as M  # noqa: E402
 from tokenizer import byte_tokenizer  # noqa: E402
@@ -262,7 +263,7 @@ def tiny_model(seed=0, dtype=torch.float64, vocab_size=300):
 
 def reference_sampler(model, prompts, max_new_tokens, top_k, generator):
     """No KV cache, no padding: each row's full logits recomputed from scratch every step, stacked,
-    then model.sample_next_token on the whole batch, as generate draws its random stream."""
+    then decoding.sample_next_token on the whole batch, as generate draws its random stream."""
     rows, done = [list(p) for p in prompts], [False] * len(prompts)
     out = torch.full((len(prompts), max_new_tokens), TEOS)
     for t in range(max_new_tokens):
@@ -270,7 +271,7 @@ def reference_sampler(model, prompts, max_new_tokens, top_k, generator):
         for n in set(map(len, rows)):  # rows of one length share a forward (no padding needed)
             same = [i for i, r in enumerate(rows) if len(r) == n]
             logits[same] = model(torch.tensor([rows[i] for i in same]))[:, -1]
-        tok = M.sample_next_token(logits, 1.0, top_k, None, generator)
+        tok = decoding.sample_next_token(logits, 1.0, top_k, None, generator)
         for i, x in enumerate(tok.tolist()):
             rows[i].append(x)
             if not done[i]:
@@ -304,8 +305,8 @@ def test_an_generate_pads_after_eos_and_matches_no_cache_reference():
     model, new = tiny_model(), 16
     prompts = [p for p in PROMPTS for _ in range(3)]
     idx, mask = negatives.left_pad(prompts, TEOS)
-    out = model.generate(idx, new, attention_mask=mask, top_k=50, eos_id=TEOS,
-                         generator=torch.Generator().manual_seed(7))
+    out = decoding.generate(model, idx, new, attention_mask=mask, top_k=50, eos_id=TEOS,
+                            generator=torch.Generator().manual_seed(7))
     ref = reference_sampler(model, prompts, new, 50, torch.Generator().manual_seed(7))
     assert torch.equal(out, ref)
     stopped = 0

@@ -13,33 +13,44 @@ import hf
 import tokenizer
 from tokenizer import bytes_to_unicode, load_tokenizer
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: EOS is <|im_end|>, as in chat models
+# ids 0, 1, 2: EOS is <|im_end|>, as in chat models
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-CORPUS = ["def f(x):\n    return x * 2  # double it", "The quick brown fox jumps over the lazy dog 1234567.",
-          "Ünïcödé: naïve café, 東京は晴れ, Привет мир, emoji 🙂🚀", "  leading and   inner   spaces\t\ttabs\n\nnewlines",
-          "numbers 3.14159 2026-12-01 1e-9 0x1F 1,000,000", "it's we're they've I'd you'll", "{\"key\": [1, 2, 3]}"] * 20
+CORPUS = ["def f(x):\n    return x * 2  # double it",
+          "The quick brown fox jumps over the lazy dog 1234567.",
+          "Ünïcödé: naïve café, 東京は晴れ, Привет мир, emoji 🙂🚀",
+          "  leading and   inner   spaces\t\ttabs\n\nnewlines",
+          "numbers 3.14159 2026-12-01 1e-9 0x1F 1,000,000",
+          "it's we're they've I'd you'll",
+          "{\"key\": [1, 2, 3]}"] * 20
 STRINGS = [
     "hello world", " hello", "hello ", "  two leading", "trailing two  ", "a\tb\tc", "line1\nline2\r\nline3",
     "\n\n\n", "   ", "", "x", "1234567890", "3.14159", "2026-12-01T23:59:59Z", "1,000,000 and 12 and 7",
-    "  42", "abc123def", "١٢٣ arabic digits ²", "naïve café", "東京は晴れ", "Привет, мир!", "🙂🚀 emoji", "e\u0301 combining",
+    "  42", "abc123def", "١٢٣ arabic digits ²", "naïve café", "東京は晴れ", "Привет, мир!", "🙂🚀 emoji",
+    "e\u0301 combining",
     "def f(x):\n    return x * 2", "for (int i = 0; i < n; ++i) { s += a[i]; }", "if x != y:\n\tpass",
-    "{\"key\": [1, 2, 3]}", "it's we're they've I'd you'll", "IT'S LOUD", "tab\t\t\tafter", "mixed \t \n whitespace",
+    "{\"key\": [1, 2, 3]}", "it's we're they've I'd you'll", "IT'S LOUD", "tab\t\t\tafter",
+    "mixed \t \n whitespace",
     "under_score-dash.dot", "http://example.com/a?b=c&d=e", "C:\\path\\to\\file.txt", "$100 @user #tag %50",
-    "The quick brown fox jumps over the lazy dog.", "quick quick quick", "ﬁ ligature ﬀ", "ÅÄÖ åäö", "x  1", "x   1 ab12",
-    "a\u00a0nbsp", "zero\u200bwidth", "<|im_end", "|>", "ends with newline\n", "      indented code", "5 + 7 = 12",
+    "The quick brown fox jumps over the lazy dog.", "quick quick quick", "ﬁ ligature ﬀ", "ÅÄÖ åäö", "x  1",
+    "x   1 ab12",
+    "a\u00a0nbsp", "zero\u200bwidth", "<|im_end", "|>", "ends with newline\n", "      indented code",
+    "5 + 7 = 12",
     "Ω≈ç√∫˜µ≤≥÷", "mañana 😀 12:30",
 ]
 assert len(STRINGS) == 50
-ABSENT = [0x07, 0xC0, 0xC1, *range(0xF5, 0x100)]  # bytes valid UTF-8 never has, and BEL: as in real vocabularies
+# bytes valid UTF-8 never has, and BEL: as in real vocabularies
+ABSENT = [0x07, 0xC0, 0xC1, *range(0xF5, 0x100)]
 
 
 def train_bpe(pre_tokenizer, alphabet_bytes=range(256), vocab_size=700):
     t = HFTokenizer(models.BPE())
     t.pre_tokenizer, t.decoder = pre_tokenizer, decoders.ByteLevel()
     alphabet = [bytes_to_unicode()[b] for b in alphabet_bytes]
-    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                      initial_alphabet=alphabet, limit_alphabet=len(alphabet)))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet))
+    t.train_from_iterator(CORPUS, trainer)
     return t
 
 
@@ -60,30 +71,35 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     chat = dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     lacking = [b for b in range(256) if b not in ABSENT]
-    out = {
-        "lacks_bytes": save_fast(train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), lacking), root / "a",
-                                 eos_token="<|endoftext|>"),
-        "digits": save_fast(train_bpe(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                               pre_tokenizers.ByteLevel(add_prefix_space=False)]),
-                                      lacking), root / "b", **chat),
-        "specials": save_fast(train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False)), root / "c",
-                              legacy_merges=True, **chat),
-        "split_regex": save_fast(train_bpe(pre_tokenizers.Sequence([
+    def byte_level():
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+    def digits():
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level()])
+
+    def split_regex():
+        return pre_tokenizers.Sequence([
             pre_tokenizers.Split(__import__("tokenizers").Regex(LLAMA3_SPLIT), "isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])), root / "d", **chat),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    out = {
+        "lacks_bytes": save_fast(train_bpe(byte_level(), lacking), root / "a", eos_token="<|endoftext|>"),
+        "digits": save_fast(train_bpe(digits(), lacking), root / "b", **chat),
+        "specials": save_fast(train_bpe(byte_level()), root / "c", legacy_merges=True, **chat),
+        "split_regex": save_fast(train_bpe(split_regex()), root / "d", **chat),
     }
-    out["llama"] = llama_folder(root / "llama", train_bpe(pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]), lacking), chat)
+    out["llama"] = llama_folder(root / "llama", train_bpe(digits(), lacking), chat)
     return out
 
 
 def llama_folder(folder, t, chat):
-    """A tiny random LlamaForCausalLM and a fast tokenizer, both saved by transformers: tokenizer.json only."""
+    """A tiny random LlamaForCausalLM and a fast tokenizer, both saved by transformers:
+    tokenizer.json only."""
     ids = {k: t.token_to_id(v) for k, v in chat.items()}
     cfg = transformers.LlamaConfig(vocab_size=t.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=ids["bos_token"],
-                                   eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"])
+                                   max_position_embeddings=128, tie_word_embeddings=True,
+                                   bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+                                   pad_token_id=ids["pad_token"])
     transformers.set_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     save_fast(t, folder, **chat)
@@ -108,9 +124,10 @@ def test_encode_decode_match_transformers(folders, kind):
 def test_special_ids_match_transformers(folders, kind):
     ours, theirs = load_tokenizer(folders[kind]), transformers.AutoTokenizer.from_pretrained(folders[kind])
     assert ours.eos_id == theirs.eos_token_id is not None
-    assert ours.specials == {"bos": theirs.bos_token_id, "eos": theirs.eos_token_id, "pad": theirs.pad_token_id}
-    if kind != "lacks_bytes":
-        assert ours.eos_id == 2 and ours.specials["bos"] == 1 and ours.pad_id == 0  # <|im_end|>, not <|endoftext|>
+    assert ours.specials == {"bos": theirs.bos_token_id, "eos": theirs.eos_token_id,
+                             "pad": theirs.pad_token_id}
+    if kind != "lacks_bytes":  # EOS is <|im_end|>, not <|endoftext|>
+        assert ours.eos_id == 2 and ours.specials["bos"] == 1 and ours.pad_id == 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -123,13 +140,14 @@ def test_special_tokens_encode_only_when_allowed(folders, kind):
     assert not set(forged) & {0, 1, 2}
     assert ours.decode(forged) == text
     assert ours.encode(text, allowed_special="all") == as_tokens  # ...a template that declares them can
-    assert ours.encode(text, allowed_special={"<|im_end|>"}) == ours.encode("<|im_start|>user\nhi 12") + [2] + \
-        ours.encode("\n<|endoftext|>")
+    im_end_only = ours.encode("<|im_start|>user\nhi 12") + [2] + ours.encode("\n<|endoftext|>")
+    assert ours.encode(text, allowed_special={"<|im_end|>"}) == im_end_only
 
 
 def test_absent_byte_is_an_error_only_when_it_occurs(folders):
     ours = load_tokenizer(folders["lacks_bytes"])
-    vocab = json.load(open(os.path.join(folders["lacks_bytes"], "tokenizer.json"), encoding="utf-8"))["model"]["vocab"]
+    path = os.path.join(folders["lacks_bytes"], "tokenizer.json")
+    vocab = json.load(open(path, encoding="utf-8"))["model"]["vocab"]
     assert sum(bytes_to_unicode()[b] in vocab for b in range(256)) == 256 - len(ABSENT)
     assert ours.encode("fine")
     with pytest.raises(ValueError, match=r"0x7.*vocabulary lacks"):
@@ -146,7 +164,8 @@ def test_save_pretrained_tokenizer_loads_in_transformers(folders, tmp_path):
     vocab = json.load(open(os.path.join(folders["specials"], "tokenizer.json"), encoding="utf-8"))["model"]
     os.makedirs(gpt2_files)
     json.dump(vocab["vocab"], open(gpt2_files / "vocab.json", "w", encoding="utf-8"), ensure_ascii=False)
-    (gpt2_files / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in vocab["merges"]), encoding="utf-8")
+    merges = "#version: 0.2\n" + "".join(m + "\n" for m in vocab["merges"])
+    (gpt2_files / "merges.txt").write_text(merges, encoding="utf-8")
     from_files = load_tokenizer(str(gpt2_files))
     assert from_files.eos_id == 0  # <|endoftext|>, the GPT-2 default, when no file says otherwise
     model.config.eos_id, model.config.bos_id = from_files.eos_id, None
@@ -166,12 +185,12 @@ def test_precedence_of_special_id_files(folders, tmp_path):
     """tokenizer_config.json names the token > generation_config.json > config.json > the file's default."""
     src = folders["specials"]
     files = {n: open(os.path.join(src, n), "rb").read() for n in ("tokenizer.json", "tokenizer_config.json")}
-    assert tokenizer.Tokenizer(files, {"eos_token_id": 1}).eos_id == 2               # tokenizer_config wins
+    assert tokenizer.Tokenizer(files, {"eos_token_id": 1}).eos_id == 2         # tokenizer_config wins
     no_names = {"tokenizer.json": files["tokenizer.json"]}
-    assert tokenizer.Tokenizer(no_names).eos_id == 0                                   # default: <|endoftext|>
-    assert tokenizer.Tokenizer(no_names, {"eos_token_id": [2, 0]}).eos_id == 2        # config.json, a list
+    assert tokenizer.Tokenizer(no_names).eos_id == 0                             # default: <|endoftext|>
+    assert tokenizer.Tokenizer(no_names, {"eos_token_id": [2, 0]}).eos_id == 2  # config.json, a list
     gen = {**no_names, "generation_config.json": json.dumps({"eos_token_id": 1}).encode()}
-    assert tokenizer.Tokenizer(gen, {"eos_token_id": 2}).eos_id == 1                  # generation_config > config
+    assert tokenizer.Tokenizer(gen, {"eos_token_id": 2}).eos_id == 1            # generation_config > config
 
 
 def test_unsupported_kinds_name_the_file(tmp_path):
