@@ -33,11 +33,13 @@ class FakeJudge:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = request["messages"][-1]["content"]
                 fake.seen.append(prompt)
                 status, body, headers = fake.answer(prompt, self.headers.get("Authorization"))
                 self.send_response(status)
-                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}.items():
+                headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}
+                for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
@@ -80,7 +82,8 @@ def write_generations(path, n, **override):
 
 
 def judge_argv(gens, out, url, *extra):
-    return ["judge", "--generations", str(gens), "--task", "dolly", "--judge-url", url, "--judge-model", "judge-x",
+    return ["judge", "--generations", str(gens), "--task", "dolly",
+            "--judge-url", url, "--judge-model", "judge-x",
             "--out", str(out), "--api-key-env", KEY_ENV, "--timeout", "5", "--backoff", "0.001",
             "--max-retries", "2", *extra]
 
@@ -126,7 +129,8 @@ def test_judge_never_overwrites_its_generations(fake_judge, tmp_path, monkeypatc
     before = gens.read_bytes()
     (tmp_path / "sub").mkdir()
     os.symlink(gens, tmp_path / "link.jsonl")
-    same = {"--out": str(tmp_path / "sub" / ".." / "gens.jsonl"), "--cache": str(tmp_path / "link.jsonl")}[flag]
+    same = {"--out": str(tmp_path / "sub" / ".." / "gens.jsonl"),
+            "--cache": str(tmp_path / "link.jsonl")}[flag]
     argv = judge_argv(gens, tmp_path / "judged.jsonl", server.url)
     if flag == "--out":
         argv[argv.index("--out") + 1] = same
@@ -137,7 +141,7 @@ def test_judge_never_overwrites_its_generations(fake_judge, tmp_path, monkeypatc
     assert gens.read_bytes() == before and server.seen == []
 
 
-# ----------------------------------------------------------------------------- 7, 11: our jsonl, read by file:line
+# ------------------------------------------------------------------------ 7, 11: our jsonl, read by file:line
 def test_judge_names_the_torn_or_null_line(fake_judge, tmp_path):
     server = fake_judge(lambda p, auth: reply("A"))
     gens = tmp_path / "gens.jsonl"
@@ -158,7 +162,8 @@ def test_judge_names_the_torn_or_null_line(fake_judge, tmp_path):
 def test_mauve_names_the_torn_or_null_line(tmp_path):
     gens = tmp_path / "gens.jsonl"
     write_generations(gens, 2)
-    argv = ["mauve", "--p-text", str(gens), "--q-text", str(gens), "--featurizer", str(tmp_path / "never-loaded")]
+    argv = ["mauve", "--p-text", str(gens), "--q-text", str(gens),
+            "--featurizer", str(tmp_path / "never-loaded")]
     with open(gens, "a") as f:
         f.write('{"id": "ex2", "gener')
     with pytest.raises(SystemExit, match="gens.jsonl:3: bad JSON"):
@@ -192,11 +197,11 @@ def test_ctrl_c_ends_a_waiting_judge_with_the_cache_intact(fake_judge, tmp_path)
     write_generations(gens, 4)  # 8 prompts, 7 answerable
     run = ("import json, sys, judge\n"  # judge.py alone: a run starts in well under a second (no torch)
            "rows = [json.loads(line) for line in open(sys.argv[1])]\n"
-           "judge.judge_generations(rows, 'dolly', sys.argv[2], url=sys.argv[3], model='judge-x', workers=2,\n"
-           "                        timeout=5, backoff=60)\n"  # 60 s, the cap: a real wait unless Ctrl-C ends it
-           "open(sys.argv[4], 'w').write('finished')")
-    proc = subprocess.Popen([sys.executable, "-c", run, str(gens), str(cache), server.url, str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "judge.judge_generations(rows, 'dolly', sys.argv[2], url=sys.argv[3], model='judge-x',\n"
+           "                        workers=2, timeout=5, backoff=60)\n"  # 60 s, the cap: a real wait
+           "open(sys.argv[4], 'w').write('finished')")                     # unless Ctrl-C ends it
+    proc = subprocess.Popen([sys.executable, "-c", run, str(gens), str(cache), server.url, str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (len(judge.load_cache(cache)) == 7 and len(server.seen) == 8):
@@ -221,8 +226,9 @@ def test_ctrl_c_ends_a_waiting_judge_with_the_cache_intact(fake_judge, tmp_path)
 @pytest.mark.parametrize("flag,value", [("--max-retries", "-1"), ("--workers", "0"), ("--timeout", "0"),
                                         ("--timeout", "nan"), ("--backoff", "-1")])
 def test_judge_refuses_bad_numbers_by_flag(tmp_path, capsys, flag, value):
+    argv = judge_argv(tmp_path / "gens.jsonl", tmp_path / "out.jsonl", "http://127.0.0.1:9/v1", flag, value)
     with pytest.raises(SystemExit) as e:
-        evaluate.main(judge_argv(tmp_path / "gens.jsonl", tmp_path / "out.jsonl", "http://127.0.0.1:9/v1", flag, value))
+        evaluate.main(argv)
     assert e.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
 
 
@@ -236,13 +242,15 @@ def test_judge_from_code_refuses_bad_settings(tmp_path):
 def test_mauve_and_interpolate_refuse_bad_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["mauve", "--p", "p.npy", "--q", "q.npy", "--num-buckets", "0"])
-    assert e.value.code == 2 and "argument --num-buckets: must be a finite number >= 1" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "argument --num-buckets: must be a finite number >= 1" in capsys.readouterr().err
     out = str(tmp_path / "ens")
     with pytest.raises(SystemExit, match="'' is not a number"):
         evaluate.main(["interpolate", "--mle", "m", "--cpo", "c", "--alphas", "0,,1", "--out", out])
-    with pytest.raises(SystemExit, match=r"0.1234568 is outside \[0, 1\], or another alpha there is also written "
-                                         r"to alpha_0.123457/"):
-        evaluate.main(["interpolate", "--mle", "m", "--cpo", "c", "--alphas", "0.1234567,0.1234568", "--out", out])
+    refused = r"0.1234568 is outside \[0, 1\], or another alpha there is also written to alpha_0.123457/"
+    with pytest.raises(SystemExit, match=refused):
+        evaluate.main(["interpolate", "--mle", "m", "--cpo", "c",
+                       "--alphas", "0.1234567,0.1234568", "--out", out])
     assert not os.path.exists(out)
 
 
@@ -270,14 +278,15 @@ def test_mauve_refuses_too_few_samples_and_non_finite_features(tmp_path):
 # ----------------------------------------------------------------------------- 13: the verdict parser
 @pytest.mark.parametrize("text,choice", [
     ("A", "A"), ("A.", "A"), ("(A)", "A"), ("**A**", "A"), ("Response A", "A"), ("Answer: B", "B"),
-    ("Response A: it names a colour, as asked.", "A"), ("A: shorter and correct", "A"), ("Response B:\nbetter", "B"),
-    ("**Response B**", "B"), ("response (b).", "B"), ("Continuation A", "A")])
+    ("Response A: it names a colour, as asked.", "A"), ("A: shorter and correct", "A"),
+    ("Response B:\nbetter", "B"), ("**Response B**", "B"), ("response (b).", "B"), ("Continuation A", "A")])
 def test_parse_choice_takes_one_leading_choice(text, choice):
     assert judge.parse_choice(text) == choice
 
 
-@pytest.mark.parametrize("text", ["C", "A or B", "A. B", "AB", "A!", "'A'", "", "Both are good", "Response C",
-                                  "A and B", "Response A and Response B", "I prefer B", "A\nB", "a good answer"])
+@pytest.mark.parametrize("text", ["C", "A or B", "A. B", "AB", "A!", "'A'", "", "Both are good",
+                                  "Response C", "A and B", "Response A and Response B", "I prefer B", "A\nB",
+                                  "a good answer"])
 def test_parse_choice_keeps_the_rest_invalid(text):
     assert judge.parse_choice(text) is None
 

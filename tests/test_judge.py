@@ -65,7 +65,8 @@ class ScriptedJudge:
         elif action[0] == "500":  # a careless server echoing the credentials back
             self.send(h, 500, f"internal error for {h.headers.get('Authorization')}".encode())
         elif action[0] == "401":
-            self.send(h, 401, f'{{"error": "Incorrect API key provided: {h.headers.get("Authorization")}"}}'.encode())
+            auth = h.headers.get("Authorization")
+            self.send(h, 401, f'{{"error": "Incorrect API key provided: {auth}"}}'.encode())
         elif action[0] == "badjson":
             self.send(h, 200, b'{"choices": [{"message": {"content": "A"')
         else:
@@ -111,7 +112,8 @@ def write_generations(path, n):
 
 
 def judge_argv(gens, out, url, workers=4):
-    return ["judge", "--generations", str(gens), "--task", "dolly", "--judge-url", url, "--judge-model", "judge-x",
+    return ["judge", "--generations", str(gens), "--task", "dolly",
+            "--judge-url", url, "--judge-model", "judge-x",
             "--out", str(out), "--api-key-env", KEY_ENV, "--workers", str(workers), "--timeout", "1.5",
             "--backoff", "0.001", "--max-retries", "3"]
 
@@ -139,7 +141,8 @@ def server_factory():
 
 # ----------------------------------------------------------------------------- judge
 def test_parse_choice_is_strict():
-    assert [judge.parse_choice(s) for s in ["A", "B", "A.", " b ", "b.\n", "\tA "]] == ["A", "B", "A", "B", "B", "A"]
+    replies = ["A", "B", "A.", " b ", "b.\n", "\tA "]
+    assert [judge.parse_choice(s) for s in replies] == ["A", "B", "A", "B", "B", "A"]
     for bad in ["C", "A..", "AB", "A or B", "", ".", "A!", "'A'", "A. B"]:
         assert judge.parse_choice(bad) is None, bad
 
@@ -176,8 +179,8 @@ def test_judge_counts_retries_and_keeps_the_key_secret(tmp_path, server_factory,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["wins"] == 2 and printed["win_rate"] == 0.5
     verdicts = {r["id"]: r["verdict"] for r in read_jsonl(out)}
-    assert verdicts == {"ex0": "win", "ex1": "loss", "ex2": "tie", "ex3": "win", "ex4": "tie", "ex5": "invalid",
-                        "ex6": "loss"}
+    assert verdicts == {"ex0": "win", "ex1": "loss", "ex2": "tie", "ex3": "win", "ex4": "tie",
+                        "ex5": "invalid", "ex6": "loss"}
     assert server.total() == 14 + 4  # one retry each for the 429, the 500, the timeout and the bad body
     assert 1.0 in sleeps  # Retry-After honoured
     assert server.auth == {f"Bearer {KEY}"}
@@ -241,14 +244,17 @@ def test_dpo_negatives_writes_rejected_by_id(tmp_path, server_factory, monkeypat
     server = server_factory({(i, "model_as_a"): [("ok", f"  unhelpful-{i}\n")] for i in range(3)})
     examples, out = tmp_path / "train.jsonl", tmp_path / "dpo_negatives.jsonl"
     with open(examples, "w") as f:
-        f.writelines(json.dumps({"id": f"ex{i}", "prompt": f"q-{i}", "response": f"ref-{i}"}) + "\n" for i in range(3))
+        for i in range(3):
+            f.write(json.dumps({"id": f"ex{i}", "prompt": f"q-{i}", "response": f"ref-{i}"}) + "\n")
     monkeypatch.setenv(KEY_ENV, KEY)
-    argv = ["dpo-negatives", "--examples", str(examples), "--judge-url", server.url, "--judge-model", "judge-x",
+    argv = ["dpo-negatives", "--examples", str(examples),
+            "--judge-url", server.url, "--judge-model", "judge-x",
             "--out", str(out), "--api-key-env", KEY_ENV, "--backoff", "0.001"]
     evaluate.main(argv)
     assert read_jsonl(out) == [{"id": f"ex{i}", "rejected": f"unhelpful-{i}"} for i in range(3)]
     prompt = next(iter(server.counts))
-    assert prompt.startswith("Given the ground truth instruction and response, can you generate a not helpful")
+    assert prompt.startswith("Given the ground truth instruction and response, "
+                             "can you generate a not helpful")
     evaluate.main(argv)
     assert server.total() == 3
 
@@ -261,8 +267,9 @@ def test_dpo_negatives_from_a_task_uses_data_py_ids(tmp_path, server_factory, mo
         f.writelines(json.dumps({"prompt": f"q-{i}", "response": f"ref-{i}"}) + "\n" for i in range(3))
     monkeypatch.setenv(KEY_ENV, KEY)
     out = tmp_path / "dpo_negatives.jsonl"
-    evaluate.main(["dpo-negatives", "--task", f"jsonl:{pairs}", "--split", "all", "--tokenizer", str(tmp_path / "tok"),
-                   "--max-len", "64", "--judge-url", server.url, "--judge-model", "judge-x", "--out", str(out),
+    evaluate.main(["dpo-negatives", "--task", f"jsonl:{pairs}", "--split", "all",
+                   "--tokenizer", str(tmp_path / "tok"), "--max-len", "64",
+                   "--judge-url", server.url, "--judge-model", "judge-x", "--out", str(out),
                    "--api-key-env", KEY_ENV])
     assert read_jsonl(out) == [{"id": f"pairs-{i}", "rejected": f"unhelpful-{i}"} for i in range(3)]
 
