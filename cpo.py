@@ -5,31 +5,43 @@ Sequence-level Contrastive Preference Optimization (CPO): Feng, Ram, Hawkins, Ra
 
 For a prompt x with ground truth y_1 and synthetic negatives y_2..y_K, the implicit reward is
 
-    r(y) = beta * (log pi_theta(y|x) - log pi_ref(y|x))      log pi(y|x) = SUM of the continuation's token log-probs
+    r(y) = beta * (log pi_theta(y|x) - log pi_ref(y|x)),   log pi(y|x) = SUM of the continuation's token logps
 
 Eq. (1), CPO:                 L = -mean_batch[ r(y_1) - log sum_{j=1..K} exp r(y_j) ]
 Eq. (2), CPO with ranking:    L = -mean_batch[ sum_{k=1..K} ( r(y_k) - log sum_{j=k..K} exp r(y_j) ) ]
                               (Plackett-Luce, the columns already in ranking order, best first, y_1 first)
 
-With K = 2 both are DPO's -log sigmoid(r(y_1) - r(y_2)). The paper's mixed objective alpha * L_MLE + L_CPO
-is cpo_loss(..., mle_weight=alpha, gt_tokens=...), L_MLE being the ground truths' mean token NLL.
+With K = 2 both are DPO's -log sigmoid(r(y_1) - r(y_2)). cpo_loss returns per-example losses and the
+rewards, as DPO's reference preference_loss does: the mean over the batch, and the paper's mixed objective
+alpha * L_MLE + L_CPO (L_MLE the ground truths' mean token NLL), are the caller's.
 
-Usage in any training loop (batch of B prompts x K continuations, flattened to N = B*K rows):
+Usage with a transformers model (examples/cpo_transformers.py runs this), B prompts x K continuations
+flattened to N = B*K rows:
 
     import cpo
-    # input_ids (N, T): prompt + continuation, right-padded; cont_mask (N, T) bool: True on the
-    # continuation tokens, final EOS included; valid (B, K) bool: which negatives exist
-    labels, mask = input_ids[:, 1:], cont_mask[:, 1:]       # logits[:, t] predicts labels[:, t]
-    logps = cpo.sequence_logprobs(policy(input_ids[:, :-1]), labels, mask).view(B, K)
-    with torch.no_grad():
-        ref_logps = cpo.sequence_logprobs(ref(input_ids[:, :-1]), labels, mask).view(B, K)
-    loss, metrics = cpo.cpo_loss(logps, ref_logps, beta=5.0, ranked=True, valid=valid)
-    loss.backward()
+    # ids (N, T): prompt + continuation, right-padded; cont_mask (N, T) bool: True on the continuation
+    # tokens, final EOS included; valid (B, K) bool: which negatives exist
+    def logps(model, ids, cont_mask):  # (N,) log pi(y|x); the (N, T, V) logits are never made
+        out = model(ids[:, :-1], output_hidden_states=True, logits_to_keep=1)  # 1 position's logits
+        hidden = out.hidden_states[-1]  # (N, T-1, C), after the final norm (GPT-2, LLaMA)
+        return cpo.sequence_logprobs_from_hidden(hidden, model.lm_head.weight, ids[:, 1:], cont_mask[:, 1:])
 
-The file reads in that order: the losses (cpo_loss, dpo_loss, mle_loss), then sequence_logprobs, the
-4-line definition of log pi(y|x), then two fast paths that compute the same numbers with far less memory:
-sequence_logprobs_chunked (a chunked softmax over the logits) and sequence_logprobs_from_hidden (straight
-from the final hidden states and lm_head.weight: the (N, T, V) logits never exist; train.py uses it).
+    policy_logps = logps(policy, ids, cont_mask).view(B, K)
+    with torch.no_grad():
+        ref_logps = logps(ref, ids, cont_mask).view(B, K)
+    losses, rewards = cpo.cpo_loss(policy_logps, ref_logps, beta=5.0, ranked=True, valid=valid)  # (B,) (B, K)
+    mle = -policy_logps[:, 0].sum() / cont_mask.view(B, K, -1)[:, 0].sum()  # L_MLE, if alpha > 0
+    (losses.mean() + alpha * mle).backward()
+    print(cpo.reward_metrics(rewards, valid))
+
+A model whose logits are more than hidden @ lm_head.weight.T (a bias, a soft-cap) takes the logits path:
+sequence_logprobs_chunked(model(ids[:, :-1]).logits, ids[:, 1:], cont_mask[:, 1:]).
+
+The file reads in this order: the losses (cpo_loss, reward_metrics, dpo_loss, mle_loss); sequence_logprobs,
+the 4-line definition of log pi(y|x); the two cheap negative samplers, truncation (TN) and batch (BN); then
+two fast paths that compute sequence_logprobs' numbers with far less memory: sequence_logprobs_chunked (a
+chunked softmax over the logits) and sequence_logprobs_from_hidden (straight from the final hidden states and
+lm_head.weight: the (N, T, V) logits never exist). `python cpo.py` checks both against the definition.
 """
 import torch
 import torch.nn.functional as F
@@ -41,66 +53,60 @@ def _acc(dtype):
 
 # ----------------------------------------------------------------------------- losses
 
-def cpo_loss(policy_logps, ref_logps, beta=5.0, ranked=False, valid=None, mle_weight=0.0, gt_tokens=None):
+def cpo_loss(policy_logps, ref_logps, beta=5.0, ranked=False, valid=None):
     """
-    CPO loss: eq. (1), or with ranked=True the Plackett-Luce eq. (2).
+    CPO: eq. (1), or with ranked=True the Plackett-Luce eq. (2). Returns (losses (B,), rewards (B, K)).
     policy_logps, ref_logps (B, K): log pi(y|x) of each sequence, column 0 the ground truth y_1, then the
     negatives (for eq. (2) in ranking order, best first). valid (B, K) bool, default all True: False columns
-    are left out of every sum and get zero gradient. The caller guarantees valid[:, 0] and at least one
-    valid negative per row; NaN in a valid column gives a NaN loss (train.py stops on it).
-    mle_weight = alpha > 0: alpha * L_MLE + L_CPO, L_MLE = -sum_b policy_logps[b, 0] / sum_b gt_tokens[b],
-    the ground truths' mean token NLL (= mle_loss); gt_tokens (B,) their token counts.
-    Math in float32 (float64 stays float64). Returns (loss, metrics): detached 0-dim tensors reward_accuracy
-    (r(y_1) beats every valid negative), reward_margin (r(y_1) - mean valid negative), reward_chosen,
-    reward_rejected (batch means), and cpo_loss, mle_loss when mle_weight > 0.
+    are left out of every sum and get zero gradient; the caller guarantees valid[:, 0] and a valid negative
+    in every row. A NaN in a valid column makes that row's loss NaN. Math in float32 (float64 stays float64).
+    rewards = beta * (policy_logps - ref_logps), detached; reward_metrics summarises them.
     """
-    if policy_logps.dim() != 2 or policy_logps.shape != ref_logps.shape or policy_logps.shape[1] < 2:
-        raise ValueError(f"policy_logps and ref_logps must both be (B, K) with K >= 2; got "
-                         f"{tuple(policy_logps.shape)} and {tuple(ref_logps.shape)}")
     B, K = policy_logps.shape
-    valid = torch.ones_like(policy_logps, dtype=torch.bool) if valid is None else valid
-    assert valid.shape == (B, K) and valid.dtype == torch.bool, "valid must be a (B, K) bool tensor"
-    assert not mle_weight or gt_tokens is not None and gt_tokens.shape == (B,), "mle_weight > 0 needs gt_tokens (B,)"
+    valid = torch.ones(B, K, dtype=torch.bool, device=policy_logps.device) if valid is None else valid
+    assert K >= 2 and ref_logps.shape == valid.shape == (B, K), "policy_logps, ref_logps, valid: all (B, K)"
     policy_logps, ref_logps = policy_logps.to(_acc(policy_logps.dtype)), ref_logps.to(_acc(ref_logps.dtype))
-    r = beta * (policy_logps - ref_logps)  # (B, K) rewards r(y) = beta * log pi_theta(y|x) / pi_ref(y|x)
-    r = r.masked_fill(~valid, 0)  # invalid columns: a finite stand-in, masked out below
-    if ranked:  # eq. (2): sum_k [ r_k - log sum_{j >= k, valid} exp r_j ], row k never empty (j = k)
-        later = torch.ones(K, K, dtype=torch.bool, device=r.device).triu()  # later[k, j]: j >= k
-        keep = later & valid[:, None, :] | torch.eye(K, dtype=torch.bool, device=r.device)  # (B, K, K)
-        lse = r[:, None, :].masked_fill(~keep, float("-inf")).logsumexp(-1)  # (B, K)
-        loss = -torch.where(valid, r - lse, 0).sum(-1).mean()
-    else:  # eq. (1): r_1 - log sum_{j valid} exp r_j, a log-softmax taken at the ground truth
-        loss = -(r[:, 0] - r.masked_fill(~valid, float("-inf")).logsumexp(-1)).mean()
-    metrics = _reward_metrics(r.detach(), valid)
-    if mle_weight:  # the paper's mixed objective alpha * L_MLE + L_CPO
-        mle = -policy_logps[:, 0].sum() / gt_tokens.sum()
-        metrics.update(cpo_loss=loss.detach(), mle_loss=mle.detach())
-        loss = loss + mle_weight * mle
-    return loss, metrics
+    rewards = beta * (policy_logps - ref_logps)  # (B, K): r(y) = beta * log pi_theta(y|x) / pi_ref(y|x)
+    r = rewards.masked_fill(~valid, 0)  # invalid columns: a finite stand-in, left out of every sum below
+    if ranked:  # eq. (2): sum_k [ r(y_k) - log sum_{j >= k} exp r(y_j) ], over valid k and j
+        later_or_same = torch.ones(K, K, dtype=torch.bool, device=r.device).triu()  # [k, j]: j >= k
+        diagonal = torch.eye(K, dtype=torch.bool, device=r.device)  # j = k: no row k's sum is ever empty
+        in_tail = (later_or_same & valid[:, None, :]) | diagonal  # (B, K, K): j in row k's sum
+        tail_lse = r[:, None, :].masked_fill(~in_tail, float("-inf")).logsumexp(-1)  # (B, K)
+        losses = -torch.where(valid, r - tail_lse, 0).sum(-1)
+    else:  # eq. (1): r(y_1) - log sum_j exp r(y_j), a log-softmax taken at the ground truth
+        losses = -(r[:, 0] - r.masked_fill(~valid, float("-inf")).logsumexp(-1))
+    return losses, rewards.detach()
 
 
-def _reward_metrics(r, valid):
-    """r (B, K) rewards (column 0 the ground truth), valid (B, K) -> dict of detached 0-dim tensors."""
-    neg = valid[:, 1:]
-    rejected = (r[:, 1:] * neg).sum(-1) / neg.sum(-1)  # (B,) mean valid negative
+def reward_metrics(rewards, valid=None):
+    """
+    rewards (B, K), column 0 the ground truth (cpo_loss's), valid (B, K) bool -> batch means, detached 0-dim
+    tensors: reward_accuracy (r(y_1) beats every valid negative), reward_margin (r(y_1) minus the mean valid
+    negative), reward_chosen (r(y_1)), reward_rejected (the mean valid negative). Invalid columns are ignored.
+    """
+    r = rewards.detach()
+    neg = torch.ones_like(r[:, 1:], dtype=torch.bool) if valid is None else valid[:, 1:]  # (B, K-1)
+    rejected = torch.where(neg, r[:, 1:], 0).sum(-1) / neg.sum(-1)  # (B,) the mean valid negative
     best_neg = r[:, 1:].masked_fill(~neg, float("-inf")).amax(-1)  # (B,)
-    return dict(reward_accuracy=(r[:, 0] > best_neg).float().mean(), reward_margin=(r[:, 0] - rejected).mean(),
+    return dict(reward_accuracy=(r[:, 0] > best_neg).float().mean(),
+                reward_margin=(r[:, 0] - rejected).mean(),
                 reward_chosen=r[:, 0].mean(), reward_rejected=rejected.mean())
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """
-    DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * ((pc - rc) - (pr - rr))), mean over the batch; the
-    same values and gradients as TRL's default sigmoid loss, and eq. (1) = eq. (2) of CPO at K = 2.
-    All four (B,) sequence log-probs; float32 math. Returns (loss, metrics), cpo_loss's metric names.
+    DPO (Rafailov et al. 2023), as the authors' preference_loss: the four (B,) sequence log-probs ->
+    (losses, chosen_rewards, rejected_rewards), each (B,), the rewards detached. Float32 math. The same values
+    and gradients as TRL's default sigmoid loss, and CPO's eq. (1) = eq. (2) at K = 2.
     """
     pc, pr, rc, rr = (t.to(_acc(t.dtype)) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
     if pc.dim() != 1 or not pc.shape == pr.shape == rc.shape == rr.shape:
-        raise ValueError(f"dpo_loss needs four (B,) tensors; got {[tuple(t.shape) for t in (pc, pr, rc, rr)]}")
-    logits = (pc - rc) - (pr - rr)  # r(y_w) - r(y_l), over beta
-    loss = -F.logsigmoid(beta * logits).mean()
-    r = beta * torch.stack([pc - rc, pr - rr], 1).detach()  # (B, 2) rewards
-    return loss, _reward_metrics(r, torch.ones_like(r, dtype=torch.bool))
+        shapes = [tuple(t.shape) for t in (pc, pr, rc, rr)]
+        raise ValueError(f"dpo_loss needs four (B,) tensors; got {shapes}")
+    logits = (pc - pr) - (rc - rr)  # (r(y_w) - r(y_l)) / beta
+    losses = -F.logsigmoid(beta * logits)  # eq. (7) of the DPO paper
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
 def mle_loss(logits, labels, mask, chunk_size=128):
@@ -110,7 +116,7 @@ def mle_loss(logits, labels, mask, chunk_size=128):
         raise ValueError("mle_loss: mask selects no tokens")
     return -sequence_logprobs_chunked(logits, labels, mask, chunk_size).sum() / n_tokens
 
-# ----------------------------------------------------------------------------- sequence log-probs: the definition
+# ------------------------------------------------------------------------ sequence log-probs: the definition
 
 def sequence_logprobs(logits, labels, mask):
     """log pi(y|x) of eqs. (1), (2): the SUM of log p(labels[n, t]) over the positions where mask[n, t].
@@ -120,6 +126,51 @@ def sequence_logprobs(logits, labels, mask):
     logps = logits.log_softmax(-1, dtype=_acc(logits.dtype))  # (N, T, V)
     token_logps = logps.gather(-1, labels.masked_fill(~mask, 0)[..., None]).squeeze(-1)  # (N, T)
     return torch.where(mask, token_logps, 0).sum(-1)  # (N,); where, not *: an unscored -inf must not give NaN
+
+# ----------------------------------------------------------------------------- negatives: TN and BN
+# The two samplers that need no model, as pure functions of token-id lists. (negatives.py adds the two
+# that sample from a model, AN and MN, and assembles a batch of all four.)
+
+def truncation_negatives(continuation, n, eos_id, generator=None):
+    """TN: n continuations, each the ground truth cut after k tokens plus EOS. With the ground truth
+    c = [t_1 .. t_L, EOS], its "original length" is L (tokens before its EOS) and k is uniform on
+    {1 .. L-1}: at least one token kept, strictly shorter than the original.
+    One-token continuations: [t_1, EOS] (L=1) has no such cut, so it gets [EOS] (stop at once, the
+    only strictly shorter continuation; still one scored token). [EOS] alone (L=0) has no shorter
+    continuation at all: returns [] (the caller marks those columns invalid)."""
+    L = len(continuation) - 1
+    assert L >= 0 and continuation[-1] == eos_id, "a continuation must end with its EOS"
+    if L == 0:
+        return []
+    if L == 1:
+        return [[eos_id] for _ in range(n)]
+    cuts = torch.randint(1, L, (n,), generator=generator).tolist()  # k in {1 .. L-1}
+    return [list(continuation[:k]) + [eos_id] for k in cuts]
+
+
+def batch_negatives(continuations, n, generator=None, allow_fewer=False, pool=None):
+    """BN: for each row, n other ground-truth continuations, drawn without replacement from `pool`
+    (default: the rows themselves). Never the row's own continuation, nor any with identical tokens;
+    candidates with identical tokens count once, in the pool's order. A row with fewer than n candidates
+    raises ValueError, unless allow_fewer=True: then it gets every candidate it has (the caller marks the
+    rest invalid). generator: one torch.Generator, or a list of one per row.
+    The paper (§3): the negatives of x_i are {y_j}_{j != i} of the batch. In training (train.py) the pool is
+    the step's whole GLOBAL batch, which every rank computes, so an example's BN negatives are the same for
+    any micro-batch size and world size, and no rank talks to another to get them."""
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(continuations)
+    assert len(gens) == len(continuations), f"{len(gens)} generators for {len(continuations)} rows"
+    pool = continuations if pool is None else pool
+    distinct = list(dict.fromkeys(tuple(c) for c in pool))
+    out = []
+    for i, own in enumerate(continuations):
+        candidates = [c for c in distinct if c != tuple(own)]
+        if len(candidates) < n and not allow_fewer:
+            raise ValueError(f"batch_negatives: row {i} has only {len(candidates)} distinct other "
+                             f"continuations in a batch of {len(pool)}, asked for {n}; use a "
+                             f"bigger batch, fewer bn negatives, or allow_fewer=True")
+        pick = torch.randperm(len(candidates), generator=gens[i])[:n].tolist()
+        out.append([list(candidates[j]) for j in pick])
+    return out
 
 # ----------------------------------------------------------------------------- the fast paths, same numbers
 
@@ -243,14 +294,52 @@ def sequence_logprobs_from_hidden(hidden, weight, labels, mask, chunk_size=None)
     sequence_logprobs(hidden @ weight.T, labels, mask) without ever materialising the (N, T, V)
     logits: only the masked positions are gathered, and their logits made chunk_size tokens at a time
     (in autocast's dtype when it is on, as the lm_head would run; the softmax always in float32).
-    chunk_size None: CHUNK_FLOATS // V tokens, an 8 MB float32 chunk (41 tokens for GPT-2's vocabulary; a small
-    vocabulary gets few, large chunks, since per-chunk overhead, not memory, is then what costs).
+    chunk_size None: CHUNK_FLOATS // V tokens, an 8 MB float32 chunk (41 tokens for GPT-2's vocabulary; a
+    small vocabulary gets few, large chunks, since per-chunk overhead, not memory, is then what costs).
     hidden (N, T, C) final-normed hidden states; weight (V, C) the output matrix (lm_head.weight).
     Returns (N,) float32, differentiable wrt hidden and weight: the chunked backward remakes each
     chunk's logits and accumulates dW in float32, so the extra memory is dW plus (chunk_size, V) temporaries.
     """
-    if hidden.dim() != 3 or hidden.shape[:2] != labels.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"hidden (N, T, C), weight (V, C) and labels (N, T) disagree: {tuple(hidden.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(labels.shape)}")
+    if (hidden.dim() != 3 or hidden.shape[:2] != labels.shape or weight.dim() != 2
+            or weight.shape[1] != hidden.shape[2]):
+        raise ValueError(f"hidden (N, T, C), weight (V, C) and labels (N, T) disagree: "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
     chunk_size = chunk_size or max(1, CHUNK_FLOATS // weight.shape[0])
     return _LogprobsFromHidden.apply(hidden, weight, labels, mask, chunk_size)
+
+# ----------------------------------------------------------------------------- self-check: python cpo.py
+
+def _values_and_grads(logps, inputs, direction):
+    return (logps.detach(), *torch.autograd.grad((logps * direction).sum(), inputs))
+
+
+def _self_check(device):
+    """The fast paths against the definition, and eq. (1) = eq. (2) = DPO at K = 2, on small random inputs."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device)  # noqa: E731
+    N, T, C, V = 6, 11, 16, 50
+    hidden, weight = rand(N, T, C).requires_grad_(), rand(V, C).requires_grad_()
+    labels = torch.randint(0, V, (N, T), generator=g).to(device)
+    mask = (torch.rand(N, T, generator=g) < 0.7).to(device)
+    direction = rand(N)  # the gradients of a random projection
+    want = _values_and_grads(sequence_logprobs(hidden @ weight.T, labels, mask), (hidden, weight), direction)
+    fast = {"sequence_logprobs_chunked": sequence_logprobs_chunked(hidden @ weight.T, labels, mask, 4),
+            "sequence_logprobs_from_hidden": sequence_logprobs_from_hidden(hidden, weight, labels, mask, 4)}
+    for name, logps in fast.items():
+        for got, expected in zip(_values_and_grads(logps, (hidden, weight), direction), want):
+            torch.testing.assert_close(got, expected)
+        print(f"{name}: the values and gradients of sequence_logprobs ({N} sequences, V={V}, {device})")
+
+    policy, ref = rand(8, 2).requires_grad_(), rand(8, 2)
+    losses = {"eq. (1)": cpo_loss(policy, ref)[0], "eq. (2)": cpo_loss(policy, ref, ranked=True)[0],
+              "DPO": dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=5.0)[0]}
+    want = _values_and_grads(losses.pop("eq. (1)"), (policy,), 1.0)
+    for name, loss in losses.items():
+        for got, expected in zip(_values_and_grads(loss, (policy,), 1.0), want):
+            torch.testing.assert_close(got, expected)
+        print(f"{name} at K = 2: the per-example losses and gradients of eq. (1)")
+    print("ok")
+
+
+if __name__ == "__main__":
+    _self_check("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,6 +7,7 @@ and an offline tool that precomputes the expensive autoregressive ones.
     bn  batch:          other rows' ground-truth continuations
     mn  mean-field:     15% of the positions resampled from the model's conditionals (one forward)
     tn  truncation:     a random strict prefix of the ground truth, then EOS
+BN and TN need no model: they are pure functions in cpo.py (cpo.batch_negatives, cpo.truncation_negatives).
 
 Every continuation (ground truth or negative) ends with exactly one EOS, as data.py makes them.
 In one CPO step, train.py calls build_cpo_batch: it returns the (B, K, T) batch the model then scores.
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+import cpo
 from common import cut_at_eos, number, read_jsonl, write_atomic
 from data import load_task, pad_right
 from decoding import generate, left_pad
@@ -122,32 +124,8 @@ def autoregressive_negatives(model, prompt_ids, n, top_k=50, max_new_tokens=128,
             out += [end_with_eos(row, eos_id) for row in new.tolist()]
     return [out[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
-# ----------------------------------------------------------------------------- BN: batch
-
-def batch_negatives(continuations, n, generator=None, allow_fewer=False, pool=None):
-    """BN: for each row, n other ground-truth continuations, drawn without replacement from `pool`
-    (default: the rows themselves). Never the row's own continuation, nor any with identical tokens;
-    candidates with identical tokens count once, in the pool's order. A row with fewer than n candidates
-    raises ValueError, unless allow_fewer=True: then it gets every candidate it has (build_cpo_batch marks
-    the rest invalid).
-    The rule in training (train.py): the pool is the step's whole GLOBAL batch (data.global_batch, a pure
-    function of step and seed that every rank computes), as in the paper's §3 where the negatives of x_i are
-    {y_j}_{j != i} of the batch. An example's BN negatives are therefore the same for any micro-batch size
-    and world size, and no rank talks to another to get them."""
-    gens = _per_row(generator, len(continuations))
-    pool = continuations if pool is None else pool
-    distinct = list(dict.fromkeys(tuple(c) for c in pool))
-    out = []
-    for i, own in enumerate(continuations):
-        candidates = [c for c in distinct if c != tuple(own)]
-        if len(candidates) < n and not allow_fewer:
-            raise ValueError(f"batch_negatives: row {i} has only {len(candidates)} distinct other "
-                             f"continuations in a batch of {len(pool)}, asked for {n}; use a "
-                             f"bigger batch, fewer bn negatives, or allow_fewer=True")
-        pick = torch.randperm(len(candidates), generator=gens[i])[:n].tolist()
-        out.append([list(candidates[j]) for j in pick])
-    return out
-
+# ----------------------------------------------------------------------------- BN: what a batch can supply
+# (the sampler itself is cpo.batch_negatives)
 
 def bn_shortfall(continuations, n):
     """BN columns a batch leaves invalid: for each row, how many of its n negatives are missing because the
@@ -196,24 +174,6 @@ def meanfield_negatives(model, input_ids, cont_mask, n, fraction=0.15, generator
             out[i].scatter_(1, pick, tokens)
     return out
 
-# ----------------------------------------------------------------------------- TN: truncation
-
-def truncation_negatives(continuation, n, eos_id, generator=None):
-    """TN: n continuations, each the ground truth cut after k tokens plus EOS. With the ground truth
-    c = [t_1 .. t_L, EOS], its "original length" is L (tokens before its EOS) and k is uniform on
-    {1 .. L-1}: at least one token kept, strictly shorter than the original.
-    One-token continuations: [t_1, EOS] (L=1) has no such cut, so it gets [EOS] (stop at once, the
-    only strictly shorter continuation; still one scored token). [EOS] alone (L=0) has no shorter
-    continuation at all: returns [] and build_cpo_batch marks those columns invalid."""
-    L = len(continuation) - 1
-    assert L >= 0 and continuation[-1] == eos_id, "a continuation must end with its EOS"
-    if L == 0:
-        return []
-    if L == 1:
-        return [[eos_id] for _ in range(n)]
-    cuts = torch.randint(1, L, (n,), generator=generator).tolist()  # k in {1 .. L-1}
-    return [list(continuation[:k]) + [eos_id] for k in cuts]
-
 # ----------------------------------------------------------------------------- ranking (eq. 2)
 
 def mean_pooled_embedding(model, input_ids, cont_mask):
@@ -247,13 +207,13 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     seeds that example's BN/MN/TN negatives, so they don't depend on the rank or the batch it lands in
     (ranks must seed their generators alike and call once per step). BN depends on who else is in the
     batch by definition; AN without an_cache is sampled for the whole batch with one stream.
-    valid is False for a negative that couldn't be made (see allow_fewer, truncation_negatives) or
+    valid is False for a negative that couldn't be made (see allow_fewer, cpo.truncation_negatives) or
     that equals the ground truth; such a column holds a copy of the ground truth, so every score is
     finite. ranked=True reorders columns 1.. by rank_by_similarity(embed_fn(model, ids, mask)):
     the column order is then eq. 2's tau. fraction: MN's share of positions; max_new_tokens: AN without
     a cache (default: the longest ground-truth continuation in the batch).
     bn_pool: the continuations BN draws from (default: these examples'; train.py passes the global batch's,
-    see batch_negatives). mn_model: the model MN samples from (default: `model`; train.py passes pi_theta,
+    see cpo.batch_negatives). mn_model: the model MN samples from (default: `model`; train.py passes pi_theta,
     the policy being trained, as §3 defines MN). return_kinds: also return (B, K) column kinds, 0 for the
     ground truth, else 1 + KINDS.index(kind), in the returned column order."""
     kinds = parse_spec(spec) if isinstance(spec, str) else list(spec)
@@ -270,9 +230,9 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
                                             max_new_tokens=max_new_tokens or max(map(len, gts)),
                                             generator=make_generator(base, "an", device=device))
         elif kind == "bn":
-            negs = batch_negatives(gts, n, gens, allow_fewer=allow_fewer, pool=bn_pool)
+            negs = cpo.batch_negatives(gts, n, gens, allow_fewer=allow_fewer, pool=bn_pool)
         elif kind == "tn":
-            negs = [truncation_negatives(gt, n, eos_id, g) for gt, g in zip(gts, gens)]
+            negs = [cpo.truncation_negatives(gt, n, eos_id, g) for gt, g in zip(gts, gens)]
         else:  # mn
             ids, mask = pad_right([ex.prompt_ids for ex in examples], gts, pad_id)
             out = meanfield_negatives(mn_model or model, ids, mask, n, fraction, gens, eos_id=eos_id)  # (B, n, T)

@@ -15,9 +15,9 @@ import torch.nn as nn
 from scipy.stats import chisquare
 
 import negatives
-from negatives import (autoregressive_negatives, batch_negatives, build_cpo_batch, load_an_cache,
-                       make_generator, meanfield_negatives, parse_spec, rank_by_similarity,
-                       truncation_negatives)
+from cpo import batch_negatives, truncation_negatives  # TN and BN: pure functions, in cpo.py
+from negatives import (autoregressive_negatives, build_cpo_batch, load_an_cache, make_generator,
+                       meanfield_negatives, parse_spec, rank_by_similarity)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, EOS = 20, 19  # the hand-made model's vocabulary
