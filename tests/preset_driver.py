@@ -1,10 +1,11 @@
-"""Runs presets of config/ exactly as shipped, one optimisation step each, on tiny stand-ins (tests/test_presets.py).
-Several presets per process, so that one torchrun launch covers all of them:
+"""Runs presets of config/ exactly as shipped, one optimisation step each, on tiny stand-ins
+(tests/test_presets.py). Several presets per process, so that one torchrun launch covers all of them:
     torchrun --standalone --nproc_per_node=2 tests/preset_driver.py STAND_INS OUT name [name ...]
 
-Swapped, and nothing else: init_from (a tiny model of the preset's family: gpt2 or llama, 1 layer, width 16, the
-byte tokenizer), the data paths (task, an_cache, dpo_rejected: tiny files of the same format), max_len (64),
-steps (1) and out_dir. Micro-batch size, batch 64, negatives, ranking, objective, lr, beta... are the preset's."""
+Swapped, and nothing else: init_from (a tiny model of the preset's family: gpt2 or llama, 1 layer, width
+16, the byte tokenizer), the data paths (task, an_cache, dpo_rejected: tiny files of the same format),
+max_len (64), steps (1) and out_dir. Micro-batch size, batch 64, negatives, ranking, objective, lr,
+beta... are the preset's."""
 import os
 import sys
 from dataclasses import replace
@@ -27,9 +28,10 @@ def as_shipped(name, stand_ins, out_dir):
     cfg = shipped(name)
     family = "gpt2" if "gpt2" in name else "llama"
     task = f"dolly:{stand_ins}/dolly.jsonl" if cfg.task == "dolly" else f"wiki:{stand_ins}/wiki.jsonl"
-    return replace(cfg, init_from=os.path.join(stand_ins, family), task=task, max_len=64, steps=1, out_dir=out_dir,
-                   an_cache=os.path.join(stand_ins, f"an_{family}") if cfg.an_cache else "",
-                   dpo_rejected=os.path.join(stand_ins, "rejected.jsonl") if cfg.dpo_rejected else "")
+    an_cache = os.path.join(stand_ins, f"an_{family}") if cfg.an_cache else ""
+    dpo_rejected = os.path.join(stand_ins, "rejected.jsonl") if cfg.dpo_rejected else ""
+    return replace(cfg, init_from=os.path.join(stand_ins, family), task=task, max_len=64, steps=1,
+                   out_dir=out_dir, an_cache=an_cache, dpo_rejected=dpo_rejected)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    path = write_rejected(tmp_path / "rejected.jsonl", [{"id": e.id, "rejected": e.response[::-1] + "x"} for e in examples])
+    rows = [{"id": e.id, "rejected": e.response[::-1] + "x"} for e in examples]
+    path = write_rejected(tmp_path / "rejected.jsonl", rows)
     rt.rejected = data.load_rejected(path, examples, tok, cfg.max_len)
     loss_sum, _ = train.dpo_objective(cfg, policy, ref, examples, rt, (0, 0))
     (loss_sum / len(examples)).backward()
@@ -51,8 +52,10 @@ def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
     total = 0
     for e in examples:  # -log sigmoid(beta * ((pc - rc) - (pr - rr))), one example at a time
         chosen, rejected = data.collate([e], tok.pad_id), data.collate([rt.rejected[e.id]], tok.pad_id)
-        pc, pr = hand_logp(policy, chosen[0][0], chosen[1][0]), hand_logp(policy, rejected[0][0], rejected[1][0])
-        rc, rr = hand_logp(ref, chosen[0][0], chosen[1][0]).detach(), hand_logp(ref, rejected[0][0], rejected[1][0]).detach()
+        pc = hand_logp(policy, chosen[0][0], chosen[1][0])
+        pr = hand_logp(policy, rejected[0][0], rejected[1][0])
+        rc = hand_logp(ref, chosen[0][0], chosen[1][0]).detach()
+        rr = hand_logp(ref, rejected[0][0], rejected[1][0]).detach()
         total = total - F.logsigmoid(cfg.beta * ((pc - rc) - (pr - rr)))
     (total / len(examples)).backward()
     assert_grads_close(ours, grads(policy))
@@ -60,14 +63,17 @@ def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
 
 def test_rejected_file_errors_name_file_and_line(tmp_path):
     cfg, policy, tok, examples, rt = tiny_setup("dpo")
-    bad = write_rejected(tmp_path / "bad.jsonl", [{"id": examples[0].id, "rejected": "x"}, {"id": examples[1].id}])
+    rows = [{"id": examples[0].id, "rejected": "x"}, {"id": examples[1].id}]
+    bad = write_rejected(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing field 'rejected'"):
         data.load_rejected(bad, examples, tok, cfg.max_len)
     (tmp_path / "torn.jsonl").write_text('{"id": "a", "rejected": "x"}\n{"id": \n')
     with pytest.raises(ValueError, match=r"torn\.jsonl:2: bad JSON"):
         data.load_rejected(str(tmp_path / "torn.jsonl"), examples, tok, cfg.max_len)
-    missing = write_rejected(tmp_path / "missing.jsonl", [{"id": e.id, "rejected": "x"} for e in examples[:-1]])
-    with pytest.raises(ValueError, match=rf"missing\.jsonl: no rejected response for example '{examples[-1].id}'"):
+    rows = [{"id": e.id, "rejected": "x"} for e in examples[:-1]]
+    missing = write_rejected(tmp_path / "missing.jsonl", rows)
+    refused = rf"missing\.jsonl: no rejected response for example '{examples[-1].id}'"
+    with pytest.raises(ValueError, match=refused):
         data.load_rejected(missing, examples, tok, cfg.max_len)
 
 # ----------------------------------------------------------------------------- PSS

@@ -19,20 +19,23 @@ CHAT = dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endof
 
 
 def test_one_command_cpo_run_from_a_tokenizer_json_llama_folder(tmp_path):
-    folder = llama_folder(tmp_path / "llama", train_bpe(pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])), CHAT)
+    digits = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    folder = llama_folder(tmp_path / "llama", train_bpe(digits), CHAT)
     rows = [{"prompt": f"Q{i}: what is {i} + {i}?", "response": f"It is {2 * i}."} for i in range(31)]
     rows.append({"prompt": "forge", "response": "no early stop <|im_end|> here"})  # data can't forge an EOS
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out_dir = tmp_path / "run"
     cmd = [sys.executable, "train.py", f"--init_from={folder}", f"--task=jsonl:{pairs}", "--objective=cpo",
-           "--steps=2", "--batch_size=4", "--micro_batch_size=4", "--negatives=bn:1,tn:1", f"--out_dir={out_dir}"]
-    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+           "--steps=2", "--batch_size=4", "--micro_batch_size=4", "--negatives=bn:1,tn:1",
+           f"--out_dir={out_dir}"]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "=== stage" not in out.stdout and "| model |" not in out.stdout   # one run, not the default's stages
-    assert f"cpo on jsonl:{pairs}: 32 training examples" in out.stdout       # every row kept
+    # one run, not the default's stages
+    assert "=== stage" not in out.stdout and "| model |" not in out.stdout
+    assert f"cpo on jsonl:{pairs}: 32 training examples" in out.stdout  # every row kept
     assert sorted(os.listdir(out_dir)) == ["ckpt-0000002", "config.json", "final", "metrics.jsonl"]
 
     _, tok = hf.load(folder)
