@@ -86,3 +86,33 @@ def test_cpo_loss_fits_one_screen():
 
     n = len(inspect.getsource(cpo.cpo_loss).splitlines())
     assert n <= MAX_CPO_LOSS_LINES, f"cpo.cpo_loss is {n} lines, docstring included"
+
+
+def test_readme_is_the_entry_and_every_relative_link_resolves():
+    """README.md: under 16 KB (nanoGPT's is ~14), opening with the two commands (.ci/run runs the second);
+    in it and in docs/*.md, every relative link names an existing file, and every #anchor a heading there."""
+    import re  # this test alone reads markdown
+
+    readme = os.path.join(ROOT, "README.md")
+    assert os.path.getsize(readme) < 16 * 1024, f"README.md is {os.path.getsize(readme)} bytes"
+    two_commands = ("```bash\npip install -r requirements.txt && python train.py\n"
+                    "pip install -r requirements-dev.txt && python -m pytest -q\n```\n")
+    assert open(readme, encoding="utf-8").read().startswith(two_commands), "README.md must open with them"
+
+    def prose(path):  # the page without its code blocks
+        return re.sub(r"```.*?```", "", open(path, encoding="utf-8").read(), flags=re.S)
+
+    def anchors(path):  # GitHub's heading slugs: lower case, punctuation dropped, spaces to hyphens
+        headings = re.findall(r"^#+ (.*)$", prose(path), re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+    broken = []
+    for page in [readme] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose(page)):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            if not os.path.exists(path) or (anchor and path.endswith(".md") and anchor not in anchors(path)):
+                broken.append(f"{os.path.relpath(page, ROOT)}: {target}")
+    assert not broken, "links to nothing:\n" + "\n".join(broken)

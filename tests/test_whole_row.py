@@ -1,4 +1,5 @@
-"""The README's whole row of the paper (section "The paper's runs", the block after "A whole row"), run as written:
+"""The whole row of the paper (section "A whole row" of docs/paper_runs.md, the README's page on the paper's
+runs), run as written:
 SFT -> dpo-negatives -> AN negatives -> every run -> interpolate -> generate (each run, each alpha) -> judge ->
 report, by bash, `for` loops and all, from a scratch folder holding links to the repo's scripts and config/
 (so its out/ lands in tmp_path).
@@ -61,15 +62,15 @@ python() { echo "+ python $* $(tiny "$@")" >&2; command python "$@" $(tiny "$@")
 
 
 def readme_row():
-    """The bash block after "A whole row" in README.md's section "The paper's runs"."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme.split("## The paper's runs", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"\nA whole row\b.*?```bash\n(.*?)```", section, re.S)[1]
+    """The bash block of section "A whole row" in docs/paper_runs.md (the page on the paper's runs)."""
+    page = open(os.path.join(ROOT, "docs", "paper_runs.md")).read()
+    section = page.split("\n## A whole row\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```bash\n(.*?)```", section, re.S)[1]
 
 
 def swapped(block, judge_url):
     for old, new in [TORCHRUN, (JUDGE_URL, judge_url)]:
-        assert block.count(old) == 1, f"README's whole row: expected {old!r} once"
+        assert block.count(old) == 1, f"docs/paper_runs.md's whole row: expected {old!r} once"
         block = block.replace(old, new)
     return block
 
