@@ -15,10 +15,12 @@ from model import ModelConfig, Transformer
 from test_plan import saved_activation_bytes
 from test_train import ROOT, SINGLE, assert_weights_close, run, weights
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--max_len=40", "--n_train=256", "--n_val=16", "--lr=1e-3",
-        "--batch_size=16", "--micro_batch_size=4",  # one process: 4 micro-steps; 2 ranks: 2 each (accumulation)
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--max_len=40", "--n_train=256", "--n_val=16",
+        "--lr=1e-3",
+        "--batch_size=16", "--micro_batch_size=4",  # one process: 4 micro-steps; 2 ranks: 2 each
         "--log_interval=1", "--eval_interval=0", "--device=cpu", "--steps=5", "--ckpt_interval=2"]
-OBJECTIVES = {"mle": ["--objective=mle"], "cpo": ["--objective=cpo", "--negatives=bn:2,mn:2,tn:2"]}  # cpo: MixN
+OBJECTIVES = {"mle": ["--objective=mle"],
+              "cpo": ["--objective=cpo", "--negatives=bn:2,mn:2,tn:2"]}  # cpo: MixN
 _done = {}
 
 
@@ -47,11 +49,12 @@ def test_fsdp_on_two_ranks_matches_one_process(out, objective, checkpointing):
 def test_fsdp_sigkill_then_resume_is_bit_identical(out):
     straight = final(out, "fsdp_cpo_False", [*OBJECTIVES["cpo"], "--fsdp"], nproc=2)
     args = [*TINY, *OBJECTIVES["cpo"], "--fsdp", f"--out_dir={out / 'killed'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", SINGLE, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", SINGLE, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # its own process group, so that SIGKILL reaches torchrun and both ranks at once, as a lost node would
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     for line in proc.stdout:
         if line.startswith("saved") and "ckpt-" in line:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -77,8 +80,9 @@ def test_fsdp_final_folder_loads_in_transformers_with_our_logits(out):
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_activation_checkpointing_gives_the_same_gradients(model_type):
     """One process: recomputing each block in the backward changes the memory, not the numbers."""
-    cfg = ModelConfig(model_type=model_type, vocab_size=64, n_layer=3, n_head=4, n_kv_head=4 if model_type == "gpt2" else 2,
-                      n_embd=32, n_inner=64, max_seq_len=32, tie_word_embeddings=model_type == "gpt2")
+    gpt2 = model_type == "gpt2"
+    cfg = ModelConfig(model_type=model_type, vocab_size=64, n_layer=3, n_head=4, n_kv_head=4 if gpt2 else 2,
+                      n_embd=32, n_inner=64, max_seq_len=32, tie_word_embeddings=gpt2)
     torch.manual_seed(0)
     model = Transformer(cfg)
     ids = torch.randint(0, 64, (3, 16))
@@ -94,8 +98,8 @@ def test_activation_checkpointing_gives_the_same_gradients(model_type):
 
 def test_activation_checkpointing_keeps_only_block_inputs():
     """The saved tensors of the forward shrink to about one float32 (B, T, C) input per block."""
-    cfg = ModelConfig(model_type="gpt2", vocab_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=64, n_inner=256,
-                      max_seq_len=64)
+    cfg = ModelConfig(model_type="gpt2", vocab_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=64,
+                      n_inner=256, max_seq_len=64)
     model, ids = Transformer(cfg), torch.randint(0, 64, (4, 64))
     saved = {}
     for on in (False, True):

@@ -17,7 +17,8 @@ METHODS = ["ref", "mle", "cpo_an", "cpo_anr", "cpo_bn", "cpo_bnr", "cpo_mn", "cp
 
 def test_miniature_tiny_writes_every_row(tmp_path):
     out = tmp_path / "mini"
-    cmd = [sys.executable, "miniature.py", "--scale", "tiny", "--seeds", "0", "--jobs", "1", "--out", str(out)]
+    cmd = [sys.executable, "miniature.py", "--scale", "tiny", "--seeds", "0", "--jobs", "1",
+           "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -51,7 +52,8 @@ def test_paired_verdict_compares_seed_by_seed():
     differences, mean, std, paired = miniature.paired_verdict([0.4, 0.6, 0.8], [0.3, 0.5, 0.7])
     assert differences == pytest.approx([0.1] * 3) and mean == pytest.approx(0.1) and paired == "win"
     assert miniature.verdict([0.4, 0.6, 0.8], [0.3, 0.5, 0.7]) == "tie"
-    assert miniature.paired_verdict([0.4, 0.6, 0.8], [0.3, 0.5, 0.7], higher_is_better=False)[3] == "loss"  # a gap
+    lower_better = miniature.paired_verdict([0.4, 0.6, 0.8], [0.3, 0.5, 0.7], higher_is_better=False)
+    assert lower_better[3] == "loss"  # a gap
     assert miniature.paired_verdict([0.4, 0.5, 0.9], [0.3, 0.6, 0.7])[3] == "tie"  # +0.1, -0.1, +0.2
     assert miniature.paired_verdict([0.5], [0.1])[3] == "?"
 
@@ -70,4 +72,5 @@ def test_synthetic_rejected_is_always_wrong():
         r = data.synthetic_rejected(e)
         assert r and r != e.response
     # and it is a pure function of the example
-    assert [data.synthetic_rejected(e) for e in examples[:50]] == [data.synthetic_rejected(e) for e in examples[:50]]
+    first = [data.synthetic_rejected(e) for e in examples[:50]]
+    assert first == [data.synthetic_rejected(e) for e in examples[:50]]

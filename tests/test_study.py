@@ -50,26 +50,31 @@ def test_contrastive_runs_log_their_diagnostics(tmp_path, objective, capsys):
     rejected = tmp_path / "rejected.jsonl"
     tok = tokenizer.byte_tokenizer()
     examples = data.load_task("synthetic", "train", tok, 40, n=64)
-    rejected.write_text("".join(json.dumps({"id": e.id, "rejected": data.synthetic_rejected(e)}) + "\n" for e in examples))
-    cfg = train.Config(n_layer=1, n_head=2, n_embd=32, max_len=40, n_train=64, n_val=8, batch_size=8, micro_batch_size=4,
-                       lr=1e-3, steps=3, log_interval=2, eval_interval=0, device="cpu", objective=objective,
-                       negatives="bn:2,tn:1", dpo_rejected=str(rejected) if objective == "dpo" else "",
+    rows = [{"id": e.id, "rejected": data.synthetic_rejected(e)} for e in examples]
+    rejected.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = train.Config(n_layer=1, n_head=2, n_embd=32, max_len=40, n_train=64, n_val=8, batch_size=8,
+                       micro_batch_size=4, lr=1e-3, steps=3, log_interval=2, eval_interval=0, device="cpu",
+                       objective=objective, negatives="bn:2,tn:1",
+                       dpo_rejected=str(rejected) if objective == "dpo" else "",
                        out_dir=str(tmp_path / "run"))
     train.train(cfg)
     out = capsys.readouterr().out
     assert "step 1/3 |" in out and "step 2/3 |" in out and "step 3/3 |" in out
-    assert "log pi truth" in out and "negatives" in out and "held-out greedy outputs changed vs the reference" in out
+    assert "log pi truth" in out and "negatives" in out
+    assert "held-out greedy outputs changed vs the reference" in out
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3, 3]
     first, last = records[0], records[2]
     assert first["reward_accuracy"] == 0 and abs(first["reward_margin"]) < 1e-4  # step 1 scores pi_ref itself
-    assert first["logp_truth"] < 0 and first["logp_negatives"] < 0 and last["logp_truth"] != first["logp_truth"]
+    assert first["logp_truth"] < 0 and first["logp_negatives"] < 0
+    assert last["logp_truth"] != first["logp_truth"]
     assert 0 <= records[3]["changed_vs_ref"] <= 1
 
 
 def test_mle_runs_log_no_contrastive_diagnostics(tmp_path, capsys):
-    cfg = train.Config(n_layer=1, n_head=2, n_embd=32, max_len=40, n_train=64, n_val=8, batch_size=8, micro_batch_size=8,
-                       steps=2, log_interval=1, eval_interval=0, device="cpu", out_dir=str(tmp_path / "run"))
+    cfg = train.Config(n_layer=1, n_head=2, n_embd=32, max_len=40, n_train=64, n_val=8, batch_size=8,
+                       micro_batch_size=8, steps=2, log_interval=1, eval_interval=0, device="cpu",
+                       out_dir=str(tmp_path / "run"))
     train.train(cfg)
     assert "log pi truth" not in capsys.readouterr().out
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -80,14 +85,15 @@ def test_mle_runs_log_no_contrastive_diagnostics(tmp_path, capsys):
                                     "h4_long.py", "h4_short.py"])
 def test_study_presets_run_at_tiny_scale(tmp_path, preset):
     out = tmp_path / "study"
-    cmd = [sys.executable, "miniature.py", "--config", os.path.join(ROOT, "experiments", preset), "--scale", "tiny",
-           "--seeds", "0,1", "--jobs", "1", "--out", str(out)]
+    cmd = [sys.executable, "miniature.py", "--config", os.path.join(ROOT, "experiments", preset),
+           "--scale", "tiny", "--seeds", "0,1", "--jobs", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     _, stages, experiment = miniature.miniature_settings(os.path.join(ROOT, "experiments", preset), "tiny")
     # the ensembles of the (one) CPO run with its MLE baseline: H4's presets have them, the study's do not
-    ensembles = [f"{n}@{a}" for n in stages if n.startswith("cpo") for a in experiment["alphas"].split(",") if a]
+    alphas = [a for a in experiment["alphas"].split(",") if a]
+    ensembles = [f"{n}@{a}" for n in stages if n.startswith("cpo") for a in alphas]
     table = (out / "results.md").read_text()
     assert f"({experiment['split']} split)" in table  # val while choosing, test only for the final table
     for name in stages:
@@ -107,7 +113,8 @@ def test_study_presets_run_at_tiny_scale(tmp_path, preset):
         rerun_adds_only_the_exposure_files(out, cmd, env)
     if preset == "study.py":  # H3's cache: the reference sampled at temperature 0.5, beside the T = 1 one
         meta = json.loads((out / "seed0" / "an_t0.5" / "meta.json").read_text())
-        assert meta["temperature"] == 0.5 and "temperature" not in json.loads((out / "seed0" / "an" / "meta.json").read_text())
+        plain = json.loads((out / "seed0" / "an" / "meta.json").read_text())
+        assert meta["temperature"] == 0.5 and "temperature" not in plain
 
 
 def exposure_files(out):
@@ -132,7 +139,8 @@ def check_exposure_outputs(out, stages, ensembles, experiment, stdout):
         if name != "ref" and name != baseline:
             for metric in ("exact_match", "exposure gap", "FR token accuracy"):
                 assert f"| {name} | {baseline} | {metric} |" in table
-    assert (out / "exposure.svg").read_text().startswith("<svg") and "ref TF" in (out / "exposure.svg").read_text()
+    svg = (out / "exposure.svg").read_text()
+    assert svg.startswith("<svg") and "ref TF" in svg
 
 
 def rerun_adds_only_the_exposure_files(out, cmd, env):
