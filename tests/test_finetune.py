@@ -1,6 +1,6 @@
-"""Fine-tune your own model, as the README says: one command, no preset, from a tokenizer.json-only LLaMA
-folder written by transformers, on a 32-line jsonl. The run is exactly one run, keeps every row, ends every
-example with the folder's EOS once, and its final/ loads in transformers, tokenizer and model."""
+"""Fine-tune your own model, as docs/training.md says: one command, no preset, from a tokenizer.json-only
+LLaMA folder written by transformers, on a 32-line jsonl. The run is exactly one run, keeps every row, ends
+every example with the folder's EOS once, and its final/ loads in transformers, tokenizer and model."""
 import json
 import os
 import subprocess

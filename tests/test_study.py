@@ -1,4 +1,4 @@
-"""The "When does CPO help?" study (README): its val split and long-answer task, the diagnostics every
+"""The "When does CPO help?" study (docs/study.md): its val split and long-answer task, the diagnostics every
 CPO/DPO run logs, and the study's presets run end to end at --scale tiny (only the model, step and example
 counts are swapped: every setting of the grid runs as written); H4's too, with the exposure-bias measure
 (docs/exposure_bias.md) written per model, tabulated and charted, and added by a rerun without retraining."""
