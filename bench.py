@@ -5,7 +5,8 @@ Every number printed is a ratio against that baseline, so the machine's speed ca
     python bench.py model       # forward+backward and greedy decoding vs transformers
     python bench.py loss        # peak memory of the three log-prob paths
     python bench.py negatives   # autoregressive-negative throughput vs transformers' sampling
-    python bench.py train       # one CPO step (K = 12) vs one MLE step; with activation checkpointing; the shared-prompt CPO step vs the naive one
+    python bench.py train       # one CPO step (K = 12) vs one MLE step; with activation checkpointing;
+                                # the shared-prompt CPO step vs the naive one
 """
 import argparse
 import os
@@ -86,7 +87,8 @@ def bench_model():
         loss = F.cross_entropy(logits_of(x[:, :-1]).reshape(-1, V), x[:, 1:].reshape(-1))
         loss.backward()
     t_ours, t_hf = race(lambda: fwd_bwd(ours, ours), lambda: fwd_bwd(hf, lambda i: hf(i).logits), repeat=2)
-    print(f"{'fwd+bwd 8x256, s (ours/HF time)':34s} {t_ours:10.2f} {t_hf:13.2f} {t_ours / t_hf:7.2f}  <= 0.9", flush=True)
+    print(f"{'fwd+bwd 8x256, s (ours/HF time)':34s} {t_ours:10.2f} {t_hf:13.2f} {t_ours / t_hf:7.2f}  <= 0.9",
+          flush=True)
     ours.zero_grad(set_to_none=True)
     hf.zero_grad(set_to_none=True)
 
@@ -99,8 +101,8 @@ def bench_model():
                                                 do_sample=False, pad_token_id=0), repeat=3)
         per_token[B] = t_ours / n_new, t_hf / n_new
         r = t_hf / t_ours
-        print(f"{f'greedy B={B}, new tok/s (ours/HF)':34s} {B * n_new / t_ours:10.1f} {B * n_new / t_hf:13.1f} "
-              f"{r:7.2f}  >= {3 if B == 1 else 2}", flush=True)
+        print(f"{f'greedy B={B}, new tok/s (ours/HF)':34s} {B * n_new / t_ours:10.1f} "
+              f"{B * n_new / t_hf:13.1f} {r:7.2f}  >= {3 if B == 1 else 2}", flush=True)
 
     # the bound: every weight is read once per step at the best bandwidth we can measure (read-only sum
     # or copy, whichever is faster)
@@ -111,10 +113,12 @@ def bench_model():
     param_bytes = sum(q.numel() * q.element_size() for q in ours.parameters())
     bound = param_bytes / bw
     ours_1, hf_1 = per_token[1]
-    print(f"weights-read bound: {param_bytes / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s = {bound * 1e3:.1f} ms/token; "
-          f"ours at B=1: {ours_1 * 1e3:.1f} ms/token = {ours_1 / bound:.2f}x the bound (target <= 1.5)")
-    print(f"transformers at B=1: {hf_1 * 1e3:.1f} ms/token = {hf_1 / bound:.2f}x the bound, so no float32 decoder "
-          f"that reads every weight once per token can be more than {hf_1 / bound:.2f}x faster at batch 1")
+    print(f"weights-read bound: {param_bytes / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s = "
+          f"{bound * 1e3:.1f} ms/token; ours at B=1: {ours_1 * 1e3:.1f} ms/token = "
+          f"{ours_1 / bound:.2f}x the bound (target <= 1.5)")
+    print(f"transformers at B=1: {hf_1 * 1e3:.1f} ms/token = {hf_1 / bound:.2f}x the bound, so no float32 "
+          f"decoder that reads every weight once per token can be more than {hf_1 / bound:.2f}x faster at "
+          "batch 1")
 
 # ----------------------------------------------------------------------------- loss
 def _loss_worker(path, N=12, T=512, V=50257, C=768):
@@ -125,7 +129,8 @@ def _loss_worker(path, N=12, T=512, V=50257, C=768):
     torch.manual_seed(0)
     labels, mask = torch.randint(V, (N, T)), torch.ones(N, T, dtype=torch.bool)  # every position scored
     paths = {
-        "naive": lambda x: (x.float().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1) * mask).sum(-1),
+        "naive": lambda x: (x.float().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+                            * mask).sum(-1),
         "chunked": lambda x: cpo.sequence_logprobs_chunked(x, labels, mask),
         "inplace": lambda x: cpo.sequence_logprobs_chunked(x, labels, mask, inplace_backward=True),
         "hidden": lambda h, w: cpo.sequence_logprobs_from_hidden(h, w, labels, mask),
@@ -157,10 +162,13 @@ def _loss_worker(path, N=12, T=512, V=50257, C=768):
 
 def bench_loss():
     """Peak memory and time of forward+backward of the three log-prob paths vs naive log_softmax+gather."""
-    rows = [("naive", "naive log_softmax + gather"), ("chunked", "chunked logits (cpo.sequence_logprobs_chunked)"),
-            ("inplace", "chunked logits, inplace_backward=True"), ("hidden", "hidden states, C=768 (from_hidden)")]
+    rows = [("naive", "naive log_softmax + gather"),
+            ("chunked", "chunked logits (cpo.sequence_logprobs_chunked)"),
+            ("inplace", "chunked logits, inplace_backward=True"),
+            ("hidden", "hidden states, C=768 (from_hidden)")]
     here = os.path.dirname(os.path.abspath(__file__))
-    print("log-prob paths, forward+backward of sum(log p): N=12 x T=512 x V=50257, float32, CPU, every position")
+    print("log-prob paths, forward+backward of sum(log p): N=12 x T=512 x V=50257, float32, CPU, every "
+          "position")
     print("scored. Each path runs in a fresh process. peak = growth of resident memory, counting the inputs")
     print("(the logits are the model's output: they exist in both logits paths) and the returned gradients;")
     print("'above inputs' subtracts the inputs. The hidden path's time includes the lm_head matmuls.")
@@ -172,17 +180,18 @@ def bench_loss():
         out = subprocess.run(cmd, cwd=here, capture_output=True, text=True, check=True).stdout
         mb, inputs_mb, secs = map(float, out.split()[-3:])
         naive = naive or (mb, mb - inputs_mb, secs)
-        print(f"{name:40s} {mb:8.0f} {mb / naive[0]:8.1%} {mb - inputs_mb:16.0f} {(mb - inputs_mb) / naive[1]:8.1%} "
-              f"{secs:7.2f} {secs / naive[2]:7.2f}x", flush=True)
-    print("targets: chunked logits <= 25% of naive peak at <= 1.2x its time; hidden states <= 10% of naive peak")
+        print(f"{name:40s} {mb:8.0f} {mb / naive[0]:8.1%} {mb - inputs_mb:16.0f} "
+              f"{(mb - inputs_mb) / naive[1]:8.1%} {secs:7.2f} {secs / naive[2]:7.2f}x", flush=True)
+    print("targets: chunked logits <= 25% of naive peak at <= 1.2x its time; hidden states <= 10% of naive "
+          "peak")
 
 
 # ----------------------------------------------------------------------------- negatives
 @torch.no_grad()
 def _bare_sampling_loop(model, idx, mask, new_tokens, top_k, generator):
-    """A reference point for any eager PyTorch sampler on a GPT-2: the same kernels as decoding.generate (linear,
-    layer norm, SDPA, gelu, top-k and an exponential race) called in one flat loop, with no modules, no
-    checks and no end-of-sequence bookkeeping. If generate is as fast as this, what is left to gain is in
+    """A reference point for any eager PyTorch sampler on a GPT-2: the same kernels as decoding.generate
+    (linear, layer norm, SDPA, gelu, top-k and an exponential race) called in one flat loop, with no modules,
+    no checks and no end-of-sequence bookkeeping. If generate is as fast as this, what is left to gain is in
     the kernels themselves, not in Python."""
     cfg, (B, T) = model.config, idx.shape
     nh, hd, C = cfg.n_head, cfg.head_dim, cfg.n_embd
@@ -192,18 +201,21 @@ def _bare_sampling_loop(model, idx, mask, new_tokens, top_k, generator):
     for t in range(new_tokens - 1):
         top, index = logits.topk(top_k, dim=-1)
         p = top.softmax(-1)
-        tok = index.gather(-1, (p / torch.empty_like(p).exponential_(1, generator=generator)).argmax(-1, keepdim=True))
+        noise = torch.empty_like(p).exponential_(1, generator=generator)
+        tok = index.gather(-1, (p / noise).argmax(-1, keepdim=True))
         c = T + t
         x = F.embedding(tok, model.tok_emb.weight) + F.embedding(pos[:, c:c + 1], model.pos_emb.weight)
         for (n1, qkv, proj, n2, fc, out), (k_cache, v_cache) in zip(blocks, caches):
             h = F.layer_norm(x, (C,), n1.weight, n1.bias, n1.eps)
-            q, k, v = F.linear(h, qkv.weight, qkv.bias).view(B, 1, 3 * nh, hd).transpose(1, 2).split(nh, dim=1)
+            qkv_h = F.linear(h, qkv.weight, qkv.bias).view(B, 1, 3 * nh, hd).transpose(1, 2)
+            q, k, v = qkv_h.split(nh, dim=1)
             k_cache[:, :, c:c + 1], v_cache[:, :, c:c + 1] = k, v
             y = F.scaled_dot_product_attention(q, k_cache[:, :, :c + 1], v_cache[:, :, :c + 1],
                                                attn_mask=bool_mask[:, :, c:c + 1, :c + 1])
             x = x + F.linear(y.transpose(1, 2).reshape(B, 1, C), proj.weight, proj.bias)
             h = F.layer_norm(x, (C,), n2.weight, n2.bias, n2.eps)
-            x = x + F.linear(F.gelu(F.linear(h, fc.weight, fc.bias), approximate="tanh"), out.weight, out.bias)
+            hidden = F.gelu(F.linear(h, fc.weight, fc.bias), approximate="tanh")
+            x = x + F.linear(hidden, out.weight, out.bias)
         x = F.layer_norm(x[:, -1], (C,), model.norm_f.weight, model.norm_f.bias, model.norm_f.eps)
         logits = F.linear(x, model.lm_head.weight)
 
@@ -235,9 +247,11 @@ def bench_negatives(B=32, new_tokens=64, top_k=50):
 
     def run_hf():
         with torch.no_grad():
-            out = hf.generate(idx, attention_mask=mask, do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0,
-                              max_new_tokens=new_tokens, eos_token_id=cfg.eos_id, pad_token_id=cfg.eos_id)
-        assert out.shape[1] == idx.shape[1] + new_tokens  # all steps ran (a whole batch stopping is ~impossible)
+            out = hf.generate(idx, attention_mask=mask, do_sample=True, top_k=top_k, top_p=1.0,
+                              temperature=1.0, max_new_tokens=new_tokens, eos_token_id=cfg.eos_id,
+                              pad_token_id=cfg.eos_id)
+        # all steps ran (a whole batch stopping is ~impossible)
+        assert out.shape[1] == idx.shape[1] + new_tokens
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -251,10 +265,12 @@ def bench_negatives(B=32, new_tokens=64, top_k=50):
     tok = B * new_tokens  # decoded positions: both loops run every step while any row is unfinished
     print(f"AN sampling: random GPT-2 4 x 128, vocab 257, batch {B}, prompts 8-24 tokens left-padded, "
           f"top-k {top_k}, {new_tokens} new tokens, float32, 1 CPU thread")
-    print(f"{'ours (negatives.autoregressive_negatives)':44s} {tok / t_ours:7.0f} new tokens/s {1e3 * t_ours / new_tokens:6.1f} ms/step")
-    print(f"{'transformers generate(do_sample, top_k=50)':44s} {tok / t_hf:7.0f} new tokens/s {1e3 * t_hf / new_tokens:6.1f} ms/step")
-    print(f"{'bare loop of the same kernels':44s} {tok / t_bare:7.0f} new tokens/s {1e3 * t_bare / new_tokens:6.1f} ms/step")
-    print(f"ours / transformers: {t_hf / t_ours:.2f}x   (target >= 2); bare loop / transformers: {t_hf / t_bare:.2f}x")
+    for name, t in [("ours (negatives.autoregressive_negatives)", t_ours),
+                    ("transformers generate(do_sample, top_k=50)", t_hf),
+                    ("bare loop of the same kernels", t_bare)]:
+        print(f"{name:44s} {tok / t:7.0f} new tokens/s {1e3 * t / new_tokens:6.1f} ms/step")
+    print(f"ours / transformers: {t_hf / t_ours:.2f}x   (target >= 2); "
+          f"bare loop / transformers: {t_hf / t_bare:.2f}x")
 
 # ----------------------------------------------------------------------------- train
 def _train_worker(mode, B=16):
@@ -287,7 +303,8 @@ def _train_worker(mode, B=16):
         optimizer.zero_grad(set_to_none=True)
 
     base = _reset_peak_rss()  # before any forward pass: later steps reuse memory the first one made resident
-    if mode in ("cpo_cached", "cpo_checkpointed"):  # the negatives are fixed, so a run scores each sequence under pi_ref once
+    # the negatives are fixed, so a run scores each sequence under pi_ref once
+    if mode in ("cpo_cached", "cpo_checkpointed"):
         train.reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast)
     secs = timeit(step, warmup=1, repeat=3)
     print(f"{_rss_mb('VmHWM') - base:.1f} {secs:.3f}")
@@ -295,9 +312,11 @@ def _train_worker(mode, B=16):
 
 def bench_train():
     """A CPO step (K = 12, MixNR) with the reference's log-probs cached or computed, and with activation
-    checkpointing, against an MLE step on the same B*K sequences: time and peak memory, each in a fresh process."""
+    checkpointing, against an MLE step on the same B*K sequences: time and peak memory, each in a fresh
+    process."""
     here = os.path.dirname(os.path.abspath(__file__))
-    print("one step (forward, backward, AdamW) of the default CPU model (4 x 128, byte vocabulary), 16 synthetic")
+    print("one step (forward, backward, AdamW) of the default CPU model (4 x 128, byte vocabulary), 16 "
+          "synthetic")
     print("examples x K = 12 sequences, float32; peak = growth of resident memory from before the first step")
     print(f"{'step':42s} {'time s':>7s} {'vs MLE':>7s} {'peak MB':>8s} {'vs MLE':>7s}")
     rows = [("mle", "MLE on the same 192 sequences"), ("cpo_cached", "CPO, reference log-probs cached"),
@@ -326,7 +345,7 @@ def _shared_prompt_worker(mode, P, S, B=1, K=12):
     policy = Transformer(ModelConfig())
     optimizer = train.make_optimizer(policy, train.Config(), torch.device("cpu"))
 
-    def batch(P, S):  # (B, K, P + S): each example's prompt repeated in its K rows, as negatives lays them out
+    def batch(P, S):  # (B, K, P + S): each example's prompt repeated in its K rows, as negatives lays out
         g = torch.Generator().manual_seed(P * 1000 + S)
         prompts = torch.randint(policy.config.vocab_size, (B, 1, P), generator=g).expand(B, K, P)
         ids = torch.cat([prompts, torch.randint(policy.config.vocab_size, (B, K, S), generator=g)], dim=-1)
@@ -338,7 +357,7 @@ def _shared_prompt_worker(mode, P, S, B=1, K=12):
             logps = train.shared_prompt_logps(policy, ids, mask)                           # (B, K)
         else:
             logps = train.sequence_logps(policy, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
-        cpo.cpo_loss(logps, torch.zeros_like(logps))[0].backward()
+        cpo.cpo_loss(logps, torch.zeros_like(logps))[0].mean().backward()  # per-example losses: their mean
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -353,9 +372,10 @@ def _shared_prompt_worker(mode, P, S, B=1, K=12):
 def shared_prompt_table(shapes=((100, 100), (400, 60), (77, 435))):
     """The shared-prompt CPO step against the naive one on the same examples, each in a fresh process."""
     here = os.path.dirname(os.path.abspath(__file__))
-    print("one CPO step (forward, backward, AdamW), GPT-2-small shape (random), 1 example x K = 12, float32, CPU,")
-    print(f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}; reference log-probs cached; "
-          "peak = growth of resident memory in the step")
+    print("one CPO step (forward, backward, AdamW), GPT-2-small shape (random), 1 example x K = 12, "
+          "float32, CPU,")
+    print(f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}; reference log-probs "
+          "cached; peak = growth of resident memory in the step")
     print(f"{'prompt / answer tokens':24s} {'naive s':>8s} {'shared s':>9s} {'ratio':>6s} {'naive MB':>9s} "
           f"{'shared MB':>10s} {'ratio':>6s}")
     for P, S in shapes:
@@ -372,7 +392,8 @@ def shared_prompt_table(shapes=((100, 100), (400, 60), (77, 435))):
 
 if __name__ == "__main__":
     benches = {name[len("bench_"):]: fn for name, fn in globals().items() if name.startswith("bench_")}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="*", metavar="BENCH", help=f"{' | '.join(benches)} (default: all)")
     which = parser.parse_args().which or list(benches)
     for name in which:

@@ -10,8 +10,8 @@ the prompt alone, and 0 everywhere for a model whose greedy answers are all righ
 exposure bias. The overall numbers pool every (answer, position) pair (so the overall FR is a token
 accuracy weighted by answer length, unlike token_accuracy's mean over answers).
 
-    gens = decoding.greedy_continuations(net, tok, examples, n_new)       # the model's greedy answers
-    measure = exposure.exposure_bias(net, tok, examples, gens)           # JSON-able: positions, buckets, overall
+    gens = decoding.greedy_continuations(net, tok, examples, n_new)   # the model's greedy answers
+    measure = exposure.exposure_bias(net, tok, examples, gens)        # JSON: positions, buckets, overall
 """
 import torch
 
@@ -19,7 +19,8 @@ import data
 from common import cut_at_eos
 
 # position buckets of the results table: name -> [first, last + 1) positions (None: to the end)
-BUCKETS = {"0": (0, 1), "1-4": (1, 5), "5-9": (5, 10), "10-19": (10, 20), "20-39": (20, 40), "40+": (40, None)}
+BUCKETS = {"0": (0, 1), "1-4": (1, 5), "5-9": (5, 10), "10-19": (10, 20), "20-39": (20, 40),
+           "40+": (40, None)}
 
 
 @torch.no_grad()

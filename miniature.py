@@ -1,9 +1,9 @@
 """
 The method in miniature: every method of the paper on the synthetic task, on a CPU, over seeds.
 
-    python miniature.py --out out/miniature        # experiments/miniature.py: 3 seeds, ~15-20 min on 2 CPU cores
-    python miniature.py --scale tiny --seeds 0     # the same at a smoke-test size (seconds)
-    python miniature.py --config experiments/study.py   # the "When does CPO help?" study (README), its own settings
+    python miniature.py --out out/miniature      # experiments/miniature.py: 3 seeds, ~15-20 min, 2 CPU cores
+    python miniature.py --scale tiny --seeds 0   # the same at a smoke-test size (seconds)
+    python miniature.py --config experiments/study.py   # "When does CPO help?" (README), its own settings
 
 Per seed: the reference (MLE from scratch), its AN cache and DPO rejected answers; then from the reference,
 all for the same steps and batch: MLE continued, CPO with each negative type with and without ranking, DPO
@@ -64,16 +64,18 @@ def miniature_settings(path, scale):
     if scale == "tiny":
         tiny = ns["tiny"]
         base = {**base, **tiny["config"]}
-        stages = {name: {**o, **(tiny["ref"] if name == "ref" else tiny["continued"])} for name, o in stages.items()}
+        stages = {name: {**o, **(tiny["ref"] if name == "ref" else tiny["continued"])}
+                  for name, o in stages.items()}
         experiment.update(tiny["experiment"])
     return base, stages, experiment
 
 
-# ----------------------------------------------------------------------------- one run: train or ensemble, then score
+# ------------------------------------------------------------------- one run: train or ensemble, then score
 def miniature_examples(base, seed, n_eval, split="test"):
     """The held-out prompts every model of a seed is scored on: the first n_eval of the split (test; or val,
     for choosing settings without looking at the test prompts)."""
-    return data.load_task(base["task"], split, tokenizer.byte_tokenizer(), base["max_len"], n=n_eval, seed=seed)
+    return data.load_task(base["task"], split, tokenizer.byte_tokenizer(), base["max_len"], n=n_eval,
+                          seed=seed)
 
 
 def miniature_score(model_dir, ref_dir, examples, out_path, task="synthetic", seed=0, exposure_path=None):
@@ -96,10 +98,12 @@ def miniature_score(model_dir, ref_dir, examples, out_path, task="synthetic", se
         write_atomic(exposure_path, json.dumps(measure))
     if scores is None:
         scores = data.score_synthetic(gens, truths, tok.eos_id)
-        generator = negatives.make_generator(seed, "miniature-sampled")  # the same draws for every model of a seed
+        # the same draws for every model of a seed
+        generator = negatives.make_generator(seed, "miniature-sampled")
         sampled = [g for s in range(0, len(examples), 64) for g in decoding.generate_batch(
             net, tok, [e.prompt_ids for e in examples[s:s + 64]], n_new, SAMPLED, generator)]
-        scores.update({f"sampled_{k}": v for k, v in data.score_synthetic(sampled, truths, tok.eos_id).items()})
+        sampled_scores = data.score_synthetic(sampled, truths, tok.eos_id)
+        scores.update({f"sampled_{k}": v for k, v in sampled_scores.items()})
         texts = [e.prompt + decoding.new_text(tok, g) for e, g in zip(examples, gens)]
         texts += [e.prompt + e.response for e in examples]
         feats = evaluate.featurize(texts, ref_dir, batch_size=128)
@@ -123,11 +127,15 @@ def write_seed_inputs(final, seed_dir, seed, base, stages, experiment):
     n = next(o for k, o in stages.items() if k != "ref")["n_train"]
     spec = next((o["negatives"] for o in stages.values() if o.get("negatives", "").startswith("an:")), None)
     for name, temperature in {"an": 1.0, **experiment.get("an_temperatures", {})}.items():
-        if spec and any(o.get("an_cache", "an") == name for o in stages.values() if "an:" in o.get("negatives", "")):
-            negatives.write_an_negatives(final, base["task"], os.path.join(seed_dir, name), split="train", spec=spec,
-                                         seed=seed, limit=n, max_len=base["max_len"], temperature=temperature,
-                                         max_new_tokens=data.synthetic_max_new_tokens(base["task"]), device="cpu")
-    examples = data.load_task(base["task"], "train", tokenizer.load_tokenizer(final), base["max_len"], n=n, seed=seed)
+        an_stages = [o for o in stages.values() if "an:" in o.get("negatives", "")]
+        if spec and any(o.get("an_cache", "an") == name for o in an_stages):
+            negatives.write_an_negatives(final, base["task"], os.path.join(seed_dir, name), split="train",
+                                         spec=spec, seed=seed, limit=n, max_len=base["max_len"],
+                                         temperature=temperature,
+                                         max_new_tokens=data.synthetic_max_new_tokens(base["task"]),
+                                         device="cpu")
+    examples = data.load_task(base["task"], "train", tokenizer.load_tokenizer(final), base["max_len"], n=n,
+                              seed=seed)
     write_jsonl_atomic(os.path.join(seed_dir, "dpo_rejected.jsonl"),
                        [{"id": e.id, "rejected": data.synthetic_rejected(e)} for e in examples])
 
@@ -147,16 +155,18 @@ def miniature_task(kind, seed, name, out, base, stages, experiment, threads):
             contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf):
         if kind == "alpha":
             best, alpha = name.split("@")
-            final = evaluate.interpolate_folder(os.path.join(seed_dir, mle_baseline(best, experiment), "final"),
-                                                os.path.join(seed_dir, best, "final"), float(alpha),
+            mle_final = os.path.join(seed_dir, mle_baseline(best, experiment), "final")
+            cpo_final = os.path.join(seed_dir, best, "final")
+            final = evaluate.interpolate_folder(mle_final, cpo_final, float(alpha),
                                                 os.path.join(run_dir, f"alpha_{float(alpha):g}"))
         else:
             cfg = train.Config(**{"resume": True, **base, **stages[name], "seed": seed, "out_dir": run_dir})
             if name != "ref":
-                cfg = replace(cfg, init_from=ref_final,
-                              an_cache=os.path.join(seed_dir, cfg.an_cache or "an")  # the stage may name its cache
-                              if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
-                              dpo_rejected=os.path.join(seed_dir, "dpo_rejected.jsonl") if cfg.objective == "dpo" else "")
+                uses_an = "an:" in cfg.negatives and cfg.objective == "cpo"
+                dpo = cfg.objective == "dpo"
+                an_cache = os.path.join(seed_dir, cfg.an_cache or "an")  # the stage may name its cache
+                cfg = replace(cfg, init_from=ref_final, an_cache=an_cache if uses_an else "",
+                              dpo_rejected=os.path.join(seed_dir, "dpo_rejected.jsonl") if dpo else "")
             final = os.path.join(run_dir, "final")
             if not os.path.isdir(final):
                 final = train.train(cfg)
@@ -164,8 +174,11 @@ def miniature_task(kind, seed, name, out, base, stages, experiment, threads):
                 write_seed_inputs(final, seed_dir, seed, base, stages, experiment)
         examples = miniature_examples(base, seed, experiment["n_eval"], experiment.get("split", "test"))
         suffix = f"_{name}" if kind == "alpha" else ""  # the ensembles share seed<S>/alpha/
-        exposure_path = os.path.join(run_dir, f"exposure{suffix}.json") if experiment.get("exposure") else None
-        scores, measure = miniature_score(final, ref_final, examples, os.path.join(run_dir, f"scores{suffix}.json"),
+        exposure_path = None
+        if experiment.get("exposure"):
+            exposure_path = os.path.join(run_dir, f"exposure{suffix}.json")
+        scores, measure = miniature_score(final, ref_final, examples,
+                                          os.path.join(run_dir, f"scores{suffix}.json"),
                                           base["task"], seed, exposure_path)
     result = {**scores, **run_diagnostics(run_dir if kind != "alpha" else "")}
     return seed, name, {**result, "exposure": measure} if measure else result, time.time() - t0
@@ -231,7 +244,8 @@ def verdict(values, baseline):
 
 def results_table(results, names, seeds, baselines=None):
     """Markdown: one row per method, each metric as mean ± std over seeds, and the verdict against its
-    baseline (baselines: name -> name; default MLE continued) on exact match, MAUVE and sampled exact match."""
+    baseline (baselines: name -> name; default MLE continued) on exact match, MAUVE and sampled exact
+    match."""
     baselines = baselines or {}
     lines = ["| method | " + " | ".join(METRICS) + " | vs | exact match | MAUVE | sampled exact match |",
              "|---|" + "---|" * (len(METRICS) + 4)]
@@ -254,11 +268,13 @@ def diagnostics_table(results, names, seeds):
         runs = [results[(s, name)] for s in seeds]
         if not all(r.get("curve") and "logp_truth" in r["curve"][0] for r in runs):
             continue
-        first = {k: np.mean([r["curve"][0][k] for r in runs]) for k in runs[0]["curve"][0]}  # step 1: pi_ref itself
+        # step 1: pi_ref itself
+        first = {k: np.mean([r["curve"][0][k] for r in runs]) for k in runs[0]["curve"][0]}
         last = {k: np.mean([r["curve"][-1][k] for r in runs]) for k in runs[0]["curve"][-1]}
         changed = np.mean([r.get("changed_vs_ref", np.nan) for r in runs])
-        lines.append(f"| {name} | {first['logp_truth']:.2f} → {last['logp_truth']:.2f} | {first['logp_negatives']:.2f} → "
-                     f"{last['logp_negatives']:.2f} | {last['reward_accuracy']:.2f} | {last['reward_margin']:.2f} | {changed:.3f} |")
+        lines.append(f"| {name} | {first['logp_truth']:.2f} → {last['logp_truth']:.2f} | "
+                     f"{first['logp_negatives']:.2f} → {last['logp_negatives']:.2f} | "
+                     f"{last['reward_accuracy']:.2f} | {last['reward_margin']:.2f} | {changed:.3f} |")
     return "\n".join(lines)
 
 
@@ -276,7 +292,8 @@ def curves_chart(path, results, names, seeds, key, ylabel):
     for name in names:
         runs = [results[(s, name)].get("curve") for s in seeds]
         if all(runs) and key in runs[0][0]:
-            curves[name] = [(points[0]["step"], float(np.mean([p[key] for p in points]))) for points in zip(*runs)]
+            curves[name] = [(points[0]["step"], float(np.mean([p[key] for p in points])))
+                            for points in zip(*runs)]
     if curves:
         title = f"{ylabel}, mean over seeds {', '.join(map(str, seeds))}"
         write_atomic(path, svg_chart(curves, "step", ylabel, title))
@@ -284,7 +301,8 @@ def curves_chart(path, results, names, seeds, key, ylabel):
 
 def spread_cells(results, name, seeds):
     """One run name's metrics as 'mean ± std' over seeds, in METRICS order."""
-    return [f"{m:.3f} ± {sd:.3f}" for m, sd in (mean_spread([results[(s, name)][k] for s in seeds]) for k in METRICS)]
+    spreads = (mean_spread([results[(s, name)][k] for s in seeds]) for k in METRICS)
+    return [f"{m:.3f} ± {sd:.3f}" for m, sd in spreads]
 
 
 # ----------------------------------------------------------------------------- exposure bias
@@ -327,12 +345,13 @@ def paired_table(results, names, seeds, experiment):
     """Markdown: each run against its MLE continued baseline, per metric of PAIRED: the per-seed differences,
     their mean ± std, the seeds above / below / level with the baseline, the paired verdict and the unpaired
     one (verdict's rule). For the gap, lower is better: a win is a smaller gap."""
-    lines = ["| run | vs | metric | per-seed differences | mean ± std | seeds above / below / level | paired | "
-             "unpaired |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | vs | metric | per-seed differences | mean ± std | seeds above / below / level | "
+             "paired | unpaired |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         base = mle_baseline(name, experiment)
         for label, value, higher in PAIRED:
-            ours, theirs = [value(results[(s, name)]) for s in seeds], [value(results[(s, base)]) for s in seeds]
+            ours = [value(results[(s, name)]) for s in seeds]
+            theirs = [value(results[(s, base)]) for s in seeds]
             differences, m, sd, paired = paired_verdict(ours, theirs, higher)
             sign = 1 if higher else -1  # verdict() calls the larger mean a win
             unpaired = verdict([sign * v for v in ours], [sign * v for v in theirs])
@@ -365,7 +384,8 @@ def exposure_charts(out, results, runs, seeds):
 
 
 def seed_gaps_table(results, name, seeds):
-    """Markdown: one run's gap by position bucket, seed by seed (E1 asks for the reference's on every seed)."""
+    """Markdown: one run's gap by position bucket, seed by seed (E1 asks for the reference's on every
+    seed)."""
     lines = ["| seed | " + " | ".join(f"pos. {c}" for c in exposure.BUCKETS) + " | overall |",
              "|---|" + "---|" * (len(exposure.BUCKETS) + 1)]
     for s in seeds:
@@ -385,15 +405,17 @@ def exposure_report(out, results, names, seeds, experiment, best):
             "by position in the answer (0 = its first token), mean ± std over seeds; overall: every (answer, "
             f"position) pair pooled.\n\n{exposure_table(results, names, seeds)}\n\n"
             f"The reference's gap, seed by seed:\n\n{seed_gaps_table(results, 'ref', seeds)}\n\n"
-            "Paired per seed against MLE continued (win/loss: the size of the mean difference exceeds the std of "
-            "the differences; unpaired: the difference of means exceeds the larger of the two stds; for the gap "
-            f"a win is a smaller gap):\n\n{paired_table(results, compared, seeds, experiment)}\n\n"
+            "Paired per seed against MLE continued (win/loss: the size of the mean difference exceeds the "
+            "std of the differences; unpaired: the difference of means exceeds the larger of the two stds; "
+            "for the gap a win is a smaller gap):\n\n"
+            f"{paired_table(results, compared, seeds, experiment)}\n\n"
             f"exposure.svg (TF and FR by position) and exposure_gap.svg (the gap): {charts}.")
 
 
 # ----------------------------------------------------------------------------- the experiment
 def miniature(args):
-    """Train, score and tabulate; see experiments/miniature.py for the sizes and the module docstring for the layout."""
+    """Train, score and tabulate; see experiments/miniature.py for the sizes and the module docstring for
+    the layout."""
     base, stages, experiment = miniature_settings(args.config, args.scale)
     seeds = [int(s) for s in (args.seeds or experiment["seeds"]).split(",")]
     jobs = args.jobs or experiment["jobs"]
@@ -427,14 +449,16 @@ def miniature(args):
         run_all([("alpha", s, f"{best}@{a:g}") for s in seeds for a in alphas], collect, work, jobs)
 
     cont = stages[continued[0]]
-    header = (f"Synthetic task, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); reference: MLE from scratch, "
-              f"{stages['ref']['steps']} steps of batch {stages['ref']['batch_size']}; every other row continues from it "
-              f"for {cont['steps']} steps of batch {cont['batch_size']} (lr {cont['lr']:g}) unless its settings say "
-              f"otherwise. Greedy decoding on {experiment['n_eval']} held-out prompts ({experiment.get('split', 'test')} "
-              f"split); sampled: one top-k 50 sample per prompt. Cells: mean ± standard deviation over seeds. "
-              f"win/loss: the difference of means exceeds the larger of the two standard deviations; else tie.")
+    header = (f"Synthetic task, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); reference: MLE "
+              f"from scratch, {stages['ref']['steps']} steps of batch {stages['ref']['batch_size']}; every "
+              f"other row continues from it for {cont['steps']} steps of batch {cont['batch_size']} "
+              f"(lr {cont['lr']:g}) unless its settings say otherwise. Greedy decoding on "
+              f"{experiment['n_eval']} held-out prompts ({experiment.get('split', 'test')} split); sampled: "
+              f"one top-k 50 sample per prompt. Cells: mean ± standard deviation over seeds. win/loss: the "
+              f"difference of means exceeds the larger of the two standard deviations; else tie.")
     table = results_table(results, ["ref"] + continued, seeds, experiment.get("baselines"))
-    table += "\n\nWhat the contrastive runs did to the model (means over seeds):\n\n" + diagnostics_table(results, continued, seeds)
+    table += ("\n\nWhat the contrastive runs did to the model (means over seeds):\n\n"
+              + diagnostics_table(results, continued, seeds))
     os.makedirs(args.out, exist_ok=True)
     if experiment.get("exposure"):
         ensembles = [f"{best}@{a:g}" for a in alphas] if best else []
@@ -443,15 +467,18 @@ def miniature(args):
     write_atomic(os.path.join(args.out, "results.md"), header + "\n\n" + table + "\n")
     write_atomic(os.path.join(args.out, "results.json"),
                  json.dumps({f"{s}/{n}": r for (s, n), r in results.items()}, indent=1))
-    for key, label in [("logp_truth", "log pi_theta of the ground truths"), ("logp_negatives", "log pi_theta of the negatives")]:
+    for key, label in [("logp_truth", "log pi_theta of the ground truths"),
+                       ("logp_negatives", "log pi_theta of the negatives")]:
         curves_chart(os.path.join(args.out, f"{key}.svg"), results, continued, seeds, key, label)
     print(header + "\n\n" + table, flush=True)
     alphas_md = ""
     if alphas and best:
         alphas_md = alpha_table(results, best, alphas, seeds, mle_baseline(best, experiment))
-        alpha_header = f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by mean exact match), per seed."
+        alpha_header = (f"Weight-space ensemble alpha * MLE + (1 - alpha) * {best} (the best CPO variant by "
+                        "mean exact match), per seed.")
         write_atomic(os.path.join(args.out, "alpha.md"), alpha_header + "\n\n" + alphas_md + "\n")
-        sweep = [(a, *mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds])) for a in alphas]
+        sweep = [(a, *mean_spread([results[(s, f"{best}@{a:g}")]["exact_match"] for s in seeds]))
+                 for a in alphas]
         write_atomic(os.path.join(args.out, "alpha.svg"),
                      svg_chart({f"{best}, mean ± std over seeds": sweep}, "alpha (weight of the MLE model)",
                                "exact match, held-out", f"alpha * MLE + (1 - alpha) * {best}"))
@@ -462,13 +489,14 @@ def miniature(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "miniature.py"),
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--config", default=os.path.join(here, "experiments", "miniature.py"),
                    help="the experiment's preset (default: experiments/miniature.py)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, 0,1,2)")
     p.add_argument("--out", default="out/miniature", help="folder of every run, the tables and the logs "
                    "(default: out/miniature)")
-    p.add_argument("--scale", default="full", choices=["full", "tiny"], help="tiny: a smoke test of a few steps "
-                   "(default: full)")
+    p.add_argument("--scale", default="full", choices=["full", "tiny"],
+                   help="tiny: a smoke test of a few steps (default: full)")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's, 2)")
     return miniature(p.parse_args(argv))
 

@@ -18,8 +18,9 @@ from common import read_jsonl
 
 # ----------------------------------------------------------------------------- generate, interpolate, report
 def tiny_config(**overrides):
-    return model.ModelConfig(**{**dict(model_type="gpt2", vocab_size=257, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
-                                       n_inner=64, max_seq_len=64, bos_id=None, eos_id=256), **overrides})
+    tiny = dict(model_type="gpt2", vocab_size=257, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, n_inner=64,
+                max_seq_len=64, bos_id=None, eos_id=256)
+    return model.ModelConfig(**{**tiny, **overrides})
 
 
 def save_tiny(path, seed, **overrides):
@@ -42,7 +43,8 @@ def raw_tensors(folder):
 
 def test_interpolate_endpoints_are_exact(tiny_pair, tmp_path):
     mle, cpo = tiny_pair
-    evaluate.main(["interpolate", "--mle", mle, "--cpo", cpo, "--alphas", "0,0.3,1", "--out", str(tmp_path / "ens")])
+    evaluate.main(["interpolate", "--mle", mle, "--cpo", cpo, "--alphas", "0,0.3,1",
+                   "--out", str(tmp_path / "ens")])
     for alpha, endpoint in [("1", mle), ("0", cpo)]:
         got, want = raw_tensors(tmp_path / "ens" / f"alpha_{alpha}"), raw_tensors(endpoint)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -60,14 +62,16 @@ def test_interpolate_refuses_mismatched_checkpoints(tiny_pair, tmp_path):
     mle, _ = tiny_pair
     deeper = save_tiny(tmp_path / "deeper", 2, n_layer=3)
     with pytest.raises(SystemExit, match="different architectures.*n_layer: 2 vs 3"):
-        evaluate.main(["interpolate", "--mle", mle, "--cpo", deeper, "--alphas", "0.5", "--out", str(tmp_path / "x")])
+        evaluate.main(["interpolate", "--mle", mle, "--cpo", deeper, "--alphas", "0.5",
+                       "--out", str(tmp_path / "x")])
     reshaped = save_tiny(tmp_path / "reshaped", 3)  # same config.json, one tensor of another shape
     path = os.path.join(reshaped, "model.safetensors")
     tensors = {k: v.clone() for k, v in hf.read_safetensors(path).items()}
     tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"][:16].clone()
     hf.write_safetensors(path, tensors, {"format": "pt"})
     with pytest.raises(SystemExit, match="tensor 'transformer.ln_f.weight': \\(32,\\)"):
-        evaluate.main(["interpolate", "--mle", mle, "--cpo", reshaped, "--alphas", "0.5", "--out", str(tmp_path / "x")])
+        evaluate.main(["interpolate", "--mle", mle, "--cpo", reshaped, "--alphas", "0.5",
+                       "--out", str(tmp_path / "x")])
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -81,7 +85,8 @@ def test_generate_decodings_from_the_command_line(tiny_pair, tmp_path, flags, la
     rows = read_jsonl(out)
     assert len({r["id"] for r in rows}) == 5
     for r in rows:
-        assert set(r) == {"id", "prompt", "reference", "generation", "config"} and r["config"]["decoding"] == label
+        assert set(r) == {"id", "prompt", "reference", "generation", "config"}
+        assert r["config"]["decoding"] == label
         assert r["prompt"].endswith("=") and isinstance(r["generation"], str)
 
 
@@ -128,8 +133,10 @@ def test_report_table(tmp_path, capsys):
         if alpha is not None:  # as interpolation.json adds it
             config.update(alpha=alpha, method=method)
         with open(folder / "greedy.jsonl", "w") as f:
-            f.write(json.dumps({"id": "a", "prompt": "", "reference": "", "generation": "", "config": config}) + "\n")
-        summary = {"win_rate": rate, "ci_low": rate - 0.05, "ci_high": rate + 0.05, "n": 100, "config": config}
+            row = {"id": "a", "prompt": "", "reference": "", "generation": "", "config": config}
+            f.write(json.dumps(row) + "\n")
+        summary = {"win_rate": rate, "ci_low": rate - 0.05, "ci_high": rate + 0.05, "n": 100,
+                   "config": config}
         with open(folder / "greedy.judge.jsonl.summary.json", "w") as f:
             json.dump(summary, f)
         with open(folder / "greedy.mauve.json", "w") as f:

@@ -70,13 +70,14 @@ def test_buckets_pool_their_positions_and_skip_the_ones_no_answer_reaches():
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_at_the_first_answer_token_both_accuracies_are_equal(model_type):
     net, tok = tiny_model(model_type, n_layer=2), tokenizer.byte_tokenizer()
-    examples = data.load_task("synthetic", "test", tok, 40, n=24)  # prompts of different lengths: padding differs
+    examples = data.load_task("synthetic", "test", tok, 40, n=24)  # prompts of different lengths: padding
     gens = decoding.greedy_continuations(net, tok, examples, 21, batch_size=8)
     # the argmax given the prompt alone is the greedy answer's first token, for every prompt
     teacher_forced = exposure.teacher_forced_predictions(net, examples, tok.pad_id, batch_size=5)
     assert [p[0] for p in teacher_forced] == [g[0] for g in gens]
     assert [len(p) for p in teacher_forced] == [len(e.continuation_ids) for e in examples]
-    for e, predicted in list(zip(examples, teacher_forced))[:6]:  # the batched path against one plain forward each
+    # the batched path against one plain forward each
+    for e, predicted in list(zip(examples, teacher_forced))[:6]:
         ids = torch.tensor([e.prompt_ids + e.continuation_ids])                           # (1, T)
         with torch.no_grad():
             argmax = net(ids)[0, len(e.prompt_ids) - 1:-1].argmax(-1)                     # (answer length,)
@@ -97,13 +98,15 @@ def memorising_model(examples, tok, steps=300):
     ids, cont_mask = data.collate(examples, tok.pad_id)                                 # (N, T) each
     for step in range(steps):
         logits = net(ids)                                                                # (N, T, V)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1][cont_mask[:, 1:]], ids[:, 1:][cont_mask[:, 1:]])
+        predicts_answer = cont_mask[:, 1:]                                               # (N, T-1)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][predicts_answer], ids[:, 1:][predicts_answer])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 25 == 24:
             gens = decoding.greedy_continuations(net.eval(), tok, examples, 21)
-            if data.score_synthetic(gens, [e.continuation_ids for e in examples], tok.eos_id)["exact_match"] == 1:
+            truths = [e.continuation_ids for e in examples]
+            if data.score_synthetic(gens, truths, tok.eos_id)["exact_match"] == 1:
                 return net, gens
             net.train()
     return net.eval(), decoding.greedy_continuations(net, tok, examples, 21)

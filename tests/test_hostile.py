@@ -21,8 +21,9 @@ from model import ModelConfig, Transformer
 from tokenizer import byte_tokenizer
 
 SINGLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_run_preset.py")
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--max_len=32", "--n_train=64", "--n_val=8", "--batch_size=4",
-        "--micro_batch_size=2", "--lr=1e-3", "--log_interval=1", "--eval_interval=0", "--device=cpu"]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--max_len=32", "--n_train=64", "--n_val=8",
+        "--batch_size=4", "--micro_batch_size=2", "--lr=1e-3", "--log_interval=1", "--eval_interval=0",
+        "--device=cpu"]
 
 
 def tiny_config(**overrides):
@@ -70,7 +71,8 @@ class Server:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def serve(self, path, body, status=200, headers=None, send=None):
-        self.routes.setdefault(path, []).append((status, headers or {}, body, len(body) if send is None else send))
+        sent = len(body) if send is None else send
+        self.routes.setdefault(path, []).append((status, headers or {}, body, sent))
 
 
 @pytest.fixture
@@ -85,7 +87,7 @@ def files_under(folder):
     return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
 
 
-# ----------------------------------------------------------------------------- 1: nothing written outside the cache
+# ---------------------------------------------------------------------- 1: nothing written outside the cache
 @pytest.mark.parametrize("shard", ["ABSOLUTE", "../../../outside/evil.safetensors", "link/evil.safetensors"])
 def test_hub_names_cannot_escape_the_cache(tmp_path, server, monkeypatch, shard):
     outside, cache = tmp_path / "outside", tmp_path / "cache"
@@ -106,7 +108,7 @@ def test_hub_names_cannot_escape_the_cache(tmp_path, server, monkeypatch, shard)
     assert not any(p.endswith("evil.safetensors") for p in files_under(tmp_path))
 
 
-# ----------------------------------------------------------------------------- 4: only ckpt-NNNNNNN is a checkpoint
+# ---------------------------------------------------------------------- 4: only ckpt-NNNNNNN is a checkpoint
 def test_only_exact_checkpoint_names_are_rotated_or_resumed(tmp_path):
     out = tmp_path / "run"
     (out / "ckpt-0000001-mybackup").mkdir(parents=True)
@@ -132,7 +134,8 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert "steps" not in str(e.value).split("Only")[0]  # more steps is allowed, so not listed
     with pytest.raises(SystemExit, match="below the checkpoint's step 2"):
         train.train(replace(cfg, steps=1, resume=True))
-    train.train(replace(cfg, steps=3, log_interval=2, ckpt_interval=5, keep_last=3, resume=True))  # the safe ones
+    # the safe ones
+    train.train(replace(cfg, steps=3, log_interval=2, ckpt_interval=5, keep_last=3, resume=True))
     assert "resumed" in capsys.readouterr().out
     cos = tiny_config(steps=2, schedule="cosine", out_dir=str(tmp_path / "cos"))
     train.train(cos)
@@ -162,7 +165,8 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
 @pytest.mark.parametrize("flag, words", [
     ("--steps=-5", "steps=-5"), ("--schedule=linear", "constant | cosine"), ("--dtype=float64", "float32"),
     ("--micro_batch_size=0", "micro_batch_size=0"), ("--batch_size=-4", "batch_size=-4"),
-    ("--micro_batch_size=-2", "micro_batch_size=-2"), ("--device=gpu", "cuda:N"), ("--log_interval=0", "log_interval"),
+    ("--micro_batch_size=-2", "micro_batch_size=-2"), ("--device=gpu", "cuda:N"),
+    ("--log_interval=0", "log_interval"),
 ])
 def test_train_refuses_bad_numbers(tmp_path, flag, words):
     with pytest.raises(SystemExit) as e:
@@ -228,24 +232,26 @@ def test_data_names_non_utf8_lines_and_duplicate_ids(tmp_path):
 
 
 def test_data_url_500_is_retried_and_html_or_short_bodies_are_not_cached(tmp_path, server, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf-secret")  # the hub's token is not sent to a data host (another port here)
+    monkeypatch.setenv("HF_TOKEN", "hf-secret")  # the hub's token is not sent to a data host (another port)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
     tok, body = byte_tokenizer(), b'{"prompt": "p", "response": "r"}\n' * 50
     server.serve("/flaky.jsonl", b"oops", status=500)
     server.serve("/flaky.jsonl", body)
-    assert len(data.load_task(f"jsonl:{server.url}/flaky.jsonl", "all", tok, 32, cache_dir=str(tmp_path / "c1"))) == 50
-    server.serve("/login.jsonl", b"<html>please log in</html>", headers={"Content-Type": "text/html; charset=utf-8"})
+    flaky = data.load_task(f"jsonl:{server.url}/flaky.jsonl", "all", tok, 32, cache_dir=str(tmp_path / "c1"))
+    assert len(flaky) == 50
+    html = {"Content-Type": "text/html; charset=utf-8"}
+    server.serve("/login.jsonl", b"<html>please log in</html>", headers=html)
     with pytest.raises(ValueError, match="HTML"):
         data.load_task(f"jsonl:{server.url}/login.jsonl", "all", tok, 32, cache_dir=str(tmp_path / "c2"))
     assert files_under(tmp_path / "c2") == []
-    server.serve("/short.jsonl", body, send=len(body) // 3)  # the first reply is cut short, the next one whole
+    server.serve("/short.jsonl", body, send=len(body) // 3)  # the first reply cut short, the next one whole
     server.serve("/short.jsonl", body)
     path = data.fetch(f"{server.url}/short.jsonl", cache_dir=str(tmp_path / "c3"))
     assert open(path, "rb").read() == body
     assert server.auth and not any(server.auth)
 
 
-# ----------------------------------------------------------------------------- fuzz: byte flips of a model folder
+# ---------------------------------------------------------------------- fuzz: byte flips of a model folder
 @pytest.mark.parametrize("victim", ["model.safetensors", "config.json"])
 def test_byte_flips_give_a_load_or_a_value_error_naming_the_file(tmp_path, victim):
     good = tiny_model_folder(tmp_path / "good")
@@ -262,6 +268,7 @@ def test_byte_flips_give_a_load_or_a_value_error_naming_the_file(tmp_path, victi
             outcomes["loaded"] += 1
         except ValueError as e:  # any other exception fails the test
             # a changed size in config.json shows as a weight that no longer fits it: that names both
-            assert str(folder / victim) in str(e) or victim == "config.json" and "from the config" in str(e), str(e)
+            names_it = str(folder / victim) in str(e)
+            assert names_it or victim == "config.json" and "from the config" in str(e), str(e)
             outcomes["refused"] += 1
     assert outcomes["loaded"] and outcomes["refused"], outcomes  # both kinds happened: the flips were real

@@ -229,7 +229,8 @@ def test_top_p_samples_stay_in_the_nucleus():
     s = draws(logits, n, top_p=top_p)
     probs = torch.softmax(logits[0].double(), 0)
     nucleus, mass = [], 0.0
-    for i in probs.argsort(descending=True).tolist():   # smallest set of most likely tokens with mass >= top_p
+    # the smallest set of most likely tokens with mass >= top_p
+    for i in probs.argsort(descending=True).tolist():
         nucleus.append(i)
         mass += probs[i].item()
         if mass >= top_p:
@@ -315,12 +316,14 @@ def test_bad_configs_and_state_dicts_raise_value_error():
     with pytest.raises(ValueError, match="n_positions"):
         config_from_hf({k: v for k, v in hf_gpt2_config().to_dict().items() if k != "n_positions"})
     with pytest.raises(ValueError, match="rope"):
-        config_from_hf(dict(hf_llama_config().to_dict(), rope_parameters={"rope_type": "llama3", "factor": 8.0}))
+        llama3_rope = {"rope_type": "llama3", "factor": 8.0}
+        config_from_hf(dict(hf_llama_config().to_dict(), rope_parameters=llama3_rope))
 
     hf, ours = make_pair("llama")
     sd = hf.state_dict()
     bad = dict(sd, **{"model.layers.1.self_attn.k_proj.weight": torch.zeros(24, 64)})
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(16, 64\).*\(24, 64\)"):
+    names_the_tensor = r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(16, 64\).*\(24, 64\)"
+    with pytest.raises(ValueError, match=names_the_tensor):
         from_hf_state_dict(bad, ours.config)
     with pytest.raises(ValueError, match="missing.*model.norm.weight"):
         from_hf_state_dict({k: v for k, v in sd.items() if k != "model.norm.weight"}, ours.config)

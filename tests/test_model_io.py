@@ -83,13 +83,15 @@ def test_safetensors_matches_reference(tmp_path):
     mio.write_safetensors(tmp_path / "ours.safetensors", t, {"format": "pt"})
     save_file(t, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
-    for read in (load_file(tmp_path / "ours.safetensors"), mio.read_safetensors(tmp_path / "ref.safetensors")):
+    for read in (load_file(tmp_path / "ours.safetensors"),
+                 mio.read_safetensors(tmp_path / "ref.safetensors")):
         for k in t:
             assert read[k].dtype == t[k].dtype and torch.equal(read[k], t[k]), k
 
 
 def test_safetensors_unaligned_foreign_file(tmp_path):
-    """A writer that doesn't pad the header leaves tensors unaligned: they are copied, and still read right."""
+    """A writer that doesn't pad the header leaves tensors unaligned: they are copied, and still read
+    right."""
     x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     blob = json.dumps({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
     blob += b" " * (1 - len(blob) % 2)  # odd length: data starts at an odd offset
@@ -149,7 +151,7 @@ def test_safetensors_random_corruption(tmp_path):
     assert errors > 100
 
 
-# ----------------------------------------------------------------------------- weights: layouts and round trips
+# ------------------------------------------------------------------------ weights: layouts and round trips
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_four_layouts_load_identical(tmp_path, family):
     hf = tiny_hf(family)
@@ -173,7 +175,8 @@ def test_round_trips_with_transformers(tmp_path, family):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=0)
 
-    mio.save_pretrained(ours, str(tmp_path / "single"), tokenizer=tokenizer.byte_tokenizer())  # ours -> transformers
+    # ours -> transformers
+    mio.save_pretrained(ours, str(tmp_path / "single"), tokenizer=tokenizer.byte_tokenizer())
     mio.save_pretrained(ours, str(tmp_path / "sharded"), max_shard_bytes=20_000)
     saved = load_file(tmp_path / "single" / "model.safetensors")
     assert ("lm_head.weight" in saved) == (family == "llama")  # a tied head is not saved, as in HF
@@ -259,8 +262,10 @@ def test_bad_folders(tmp_path):
            "(99, 32)", "(100, 32)")
     expect(variant("gone", edit_weights=lambda sd: sd.pop("transformer.h.1.mlp.c_fc.weight")),
            "model.safetensors", "missing", "h.1.mlp.c_fc.weight")
-    expect(variant("extra", edit_weights=lambda sd: sd.update(stray=torch.zeros(2))), "model.safetensors", "stray")
-    expect(variant("shape", edit_weights=lambda sd: sd.update({"transformer.h.0.ln_1.weight": torch.ones(31)})),
+    expect(variant("extra", edit_weights=lambda sd: sd.update(stray=torch.zeros(2))),
+           "model.safetensors", "stray")
+    short_ln = {"transformer.h.0.ln_1.weight": torch.ones(31)}
+    expect(variant("shape", edit_weights=lambda sd: sd.update(short_ln)),
            "model.safetensors", "h.0.ln_1.weight", "(31,)")
     sharded = tmp_path / "sharded"
     hf.save_pretrained(sharded, max_shard_size="20KB")
@@ -277,13 +282,14 @@ def test_bad_folders(tmp_path):
 def test_gpt2_tokenizer_matches_transformers(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
     rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "mat", "don't", "we're", "123", "4567", "naïve", "café", "über", "日本",
-             "😀", "hello", "world", "token", "izer", "  ", "\n", "x=1;", "(a+b)", "it's", "I'll"]
+    words = ["the", "cat", "sat", "on", "mat", "don't", "we're", "123", "4567", "naïve", "café", "über",
+             "日本", "😀", "hello", "world", "token", "izer", "  ", "\n", "x=1;", "(a+b)", "it's", "I'll"]
     corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)] + STRINGS
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
     bpe.save_model(str(tmp_path))
-    ours, theirs = tokenizer.load_tokenizer(str(tmp_path)), transformers.GPT2Tokenizer.from_pretrained(tmp_path)
+    ours = tokenizer.load_tokenizer(str(tmp_path))
+    theirs = transformers.GPT2Tokenizer.from_pretrained(tmp_path)
     assert ours.bos_id is None and ours.eos_id == ours.pad_id == theirs.eos_token_id
     for s in STRINGS:
         ids = ours.encode(s)
@@ -303,10 +309,10 @@ def test_llama_tokenizer_matches_transformers(tmp_path):
     text = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(500)]
     # LLaMA's own settings: BPE, byte fallback, split digits, no normalization, a dummy prefix "▁"
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"),
-                                   vocab_size=300, model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   split_digits=True, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   num_threads=1, minloglevel=2)
+                                   vocab_size=300, model_type="bpe", byte_fallback=True,
+                                   character_coverage=1.0, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
     ours = tokenizer.load_tokenizer(str(tmp_path))
     assert ours.bos_id == 1 and ours.eos_id == 2 and ours.pad_id == 2 and ours.vocab_size == 300
     # transformers 5 reads tokenizer.model through protobuf (not in requirements-dev.txt); its
@@ -316,7 +322,8 @@ def test_llama_tokenizer_matches_transformers(tmp_path):
     prefix = ours.encode(" ")[:1]  # the dummy-prefix "▁"
     for s in STRINGS:
         ids, want = ours.encode(s), theirs.encode(s, add_special_tokens=False)
-        if s.startswith(" "):  # sentencepiece (so LLaMA) adds "▁" before a leading space; transformers 5 does not
+        # sentencepiece (so LLaMA) adds "▁" before a leading space; transformers 5 does not
+        if s.startswith(" "):
             want = prefix + want
         assert ids == want, s
         assert ours.decode(ids) == theirs.decode(ids), s
@@ -351,7 +358,8 @@ class Server:
                 rel = self.path.lstrip("/").replace("/resolve/main/", "/")
                 path = os.path.join(server.root, rel)
                 rng = self.headers.get("Range")
-                entry = {"path": self.path, "range": rng, "sent": 0, "auth": self.headers.get("Authorization")}
+                entry = {"path": self.path, "range": rng, "sent": 0,
+                         "auth": self.headers.get("Authorization")}
                 server.log.append(entry)
                 if not os.path.isfile(path):
                     self.send_error(404)
@@ -367,7 +375,8 @@ class Server:
                 if server.drop_after is not None:  # cut the connection midway, once
                     body, server.drop_after = body[:server.drop_after], None
                     self.close_connection = True
-                entry["sent"] = len(body)  # before writing: the client may be done (and the test checking) first
+                # before writing: the client may be done (and the test checking) first
+                entry["sent"] = len(body)
                 self.wfile.write(body)
 
             def log_message(self, *args):
