@@ -281,15 +281,16 @@ def _train_worker(mode, B=16):
     import data
     import train
     torch.manual_seed(0)
-    cfg = train.Config(objective="mle" if mode == "mle" else "cpo", negatives="bn:3,mn:5,tn:3", ranked=True)
+    # fixed negatives: BN and TN come back every step, so 'cpo_cached' finds them in the reference cache
+    cfg = train.Config(objective="mle" if mode == "mle" else "cpo", negatives="bn:3,mn:5,tn:3", ranked=True,
+                       fixed_negatives=True)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
     policy.checkpoint_blocks = mode == "cpo_checkpointed"
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=B, seed=0)
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id,
-                       ref_cache=None if mode == "cpo_computed" else {})
-    ids, mask, _ = negatives.build_cpo_batch(examples, cfg.negatives, ref, tok.pad_id, tok.eos_id,
-                                             generator=torch.Generator().manual_seed(0), ranked=True)
+                       ref_cache=None if mode == "cpo_computed" else train.scoring.ReferenceCache())
+    ids, mask, _, _ = train.cpo_batch(cfg, policy, ref, examples, rt)
     ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)  # (B*K, T): the MLE step sees the same sequences
     optimizer = train.make_optimizer(policy, cfg, rt.device)
 
@@ -297,7 +298,7 @@ def _train_worker(mode, B=16):
         if mode == "mle":
             loss = -train.sequence_logps(policy, ids, mask).sum() / mask[:, 1:].sum()
         else:
-            loss = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))[0] / B
+            loss = train.cpo_objective(cfg, policy, ref, examples, rt)[0] / B
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -305,7 +306,8 @@ def _train_worker(mode, B=16):
     base = _reset_peak_rss()  # before any forward pass: later steps reuse memory the first one made resident
     # the negatives are fixed, so a run scores each sequence under pi_ref once
     if mode in ("cpo_cached", "cpo_checkpointed"):
-        train.reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast)
+        with torch.no_grad():
+            train.cpo_objective(cfg, policy, ref, examples, rt)
     secs = timeit(step, warmup=1, repeat=3)
     print(f"{_rss_mb('VmHWM') - base:.1f} {secs:.3f}")
 
@@ -340,6 +342,7 @@ def _shared_prompt_worker(mode, P, S, B=1, K=12):
     log-probs are cached (as in a run after each sequence's first visit). A warm-up step on a tiny batch makes
     AdamW's state first. Prints 'peak_MB seconds': growth of resident memory over the timed step."""
     import cpo
+    import scoring
     import train
     torch.manual_seed(0)
     policy = Transformer(ModelConfig())
@@ -354,7 +357,7 @@ def _shared_prompt_worker(mode, P, S, B=1, K=12):
     def step(ids, mask):
         mask = mask.expand(ids.shape)
         if mode == "shared":
-            logps = train.shared_prompt_logps(policy, ids, mask)                           # (B, K)
+            logps = scoring.shared_prompt_logps(policy, ids, mask)                         # (B, K)
         else:
             logps = train.sequence_logps(policy, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
         cpo.cpo_loss(logps, torch.zeros_like(logps))[0].mean().backward()  # per-example losses: their mean

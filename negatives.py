@@ -199,8 +199,9 @@ def rank_by_similarity(embeddings, valid=None):
 
 def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_cache=None, ranked=False,
                     embed_fn=mean_pooled_embedding, allow_fewer=False, fraction=0.15,
-                    max_new_tokens=None, bn_pool=None, mn_model=None, return_kinds=False):
-    """examples (data.Example) -> input_ids (B, K, T), cont_mask (B, K, T), valid (B, K), on the CPU.
+                    max_new_tokens=None, bn_pool=None, mn_model=None, fixed_negatives=False):
+    """examples (data.Example) -> input_ids (B, K, T), cont_mask (B, K, T), valid (B, K), cacheable (B, K),
+    on the CPU.
     Column 0 is the ground truth, then the spec's negatives in the spec's order (K = 1 + their sum).
     `model` should be the frozen reference: it samples AN/MN and embeds for ranking.
     Seeds: one draw from `generator` per call, hashed with each example's id and the sampler kind,
@@ -214,8 +215,11 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     a cache (default: the longest ground-truth continuation in the batch).
     bn_pool: the continuations BN draws from (default: these examples'; train.py passes the global batch's,
     see cpo.batch_negatives). mn_model: the model MN samples from (default: `model`; train.py passes pi_theta,
-    the policy being trained, as §3 defines MN). return_kinds: also return (B, K) column kinds, 0 for the
-    ground truth, else 1 + KINDS.index(kind), in the returned column order."""
+    the policy being trained, as §3 defines MN).
+    Also returns cacheable (B, K) bool: the sequences that come back, whose log pi_ref may be cached for the
+    run (scoring.ReferenceCache): the ground truth and AN read from an_cache always; with fixed_negatives
+    (the caller passes the same generator every step) also BN, TN and MN drawn from `model`, never MN drawn
+    from another mn_model (the policy changes every step)."""
     kinds = parse_spec(spec) if isinstance(spec, str) else list(spec)
     base = int(torch.randint(0, 2**62, (1,), generator=generator))
     gts = [list(ex.continuation_ids) for ex in examples]
@@ -246,34 +250,16 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     ids, mask = pad_right(prompts, conts, pad_id)  # (B*K, T)
     B, K = valid.shape
     input_ids, cont_mask = ids.view(B, K, -1), mask.view(B, K, -1)
-    kinds_bk = torch.tensor([0] + [1 + KINDS.index(kind) for kind, n in kinds for _ in range(n)]).repeat(B, 1)  # (B, K)
+    comes_back = {"an": an_cache is not None, "bn": fixed_negatives, "tn": fixed_negatives,
+                  "mn": fixed_negatives and mn_model in (None, model)}
+    cacheable = torch.tensor([True] + [comes_back[kind] for kind, n in kinds for _ in range(n)]).repeat(B, 1)
     if ranked:
         order = rank_by_similarity(embed_fn(model, ids, mask).view(B, K, -1), valid).cpu()  # (B, K)
         input_ids = input_ids.gather(1, order[:, :, None].expand_as(input_ids))
         cont_mask = cont_mask.gather(1, order[:, :, None].expand_as(cont_mask))
         valid = valid.gather(1, order)
-        kinds_bk = kinds_bk.gather(1, order)
-    return (input_ids, cont_mask, valid, kinds_bk) if return_kinds else (input_ids, cont_mask, valid)
-
-
-def split_prompts(ids, mask):
-    """(B, K, T) right-padded prompt + continuation rows, the K of an example sharing its prompt -> the prompts
-    (B, P) LEFT-padded with their 0/1 mask (B, P), the continuations (B, K, S) right-padded with their bool mask
-    (B, K, S) (model.Transformer.forward_shared_prompt's input), and the prompt lengths (B,)."""
-    B, K, T = ids.shape
-    n_prompt = mask.int().argmax(-1)  # (B, K): the first continuation position = the prompt's length
-    n_cont = mask.sum(-1)  # (B, K)
-    prompt_ids = ids[:, :1] * (torch.arange(T, device=ids.device) < n_prompt[..., None])  # (B, K, T), 0 past it
-    if (n_prompt != n_prompt[:, :1]).any() or (prompt_ids != prompt_ids[:, :1]).any():
-        raise ValueError("split_prompts: the K sequences of an example must share one prompt")
-    n_prompt = n_prompt[:, 0]  # (B,)
-    P, S = int(n_prompt.max()), int(n_cont.max())
-    src = n_prompt[:, None] - P + torch.arange(P, device=ids.device)  # (B, P): prompt position in each column
-    prompt_mask = (src >= 0).long()
-    prompt = ids[:, 0].gather(1, src.clamp(min=0)) * prompt_mask  # (B, P), 0 on the left padding
-    src = (n_prompt[:, None, None] + torch.arange(S, device=ids.device)).clamp(max=T - 1).expand(B, K, S)
-    cont_mask = torch.arange(S, device=ids.device) < n_cont[..., None]  # (B, K, S)
-    return prompt, prompt_mask, ids.gather(2, src) * cont_mask, cont_mask, n_prompt
+        cacheable = cacheable.gather(1, order)
+    return input_ids, cont_mask, valid, cacheable
 
 
 def _from_cache(an_cache, example_id, n):

@@ -45,13 +45,20 @@ BASE_MODELS = {"gpt2xl": "gpt2-xl", "gpt2-xl": "gpt2-xl",
                "llama3b": "open_llama_3b", "open_llama_3b": "open_llama_3b"}
 
 
+def scratch_model_config(cfg):
+    """The model --init_from=scratch builds (train.starting_model): a GPT-2 of the run's sizes on the byte
+    tokenizer."""
+    tok = byte_tokenizer()
+    return ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_kv_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=4 * cfg.n_embd,
+                       max_seq_len=cfg.max_len, norm_eps=1e-5, tie_word_embeddings=True,
+                       bos_id=tok.bos_id, eos_id=tok.eos_id)
+
+
 def model_config(cfg):
     """(ModelConfig, where it came from) for the run, from config.json only: never a weight file."""
     if cfg.init_from == "scratch":
-        config = ModelConfig(model_type="gpt2", vocab_size=byte_tokenizer().vocab_size,
-                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_head,
-                             n_embd=cfg.n_embd, n_inner=4 * cfg.n_embd, max_seq_len=cfg.max_len)
-        return config, "scratch"
+        return scratch_model_config(cfg), "scratch"
     path = os.path.join(cfg.init_from, "config.json")
     if not os.path.isfile(path):
         base = next((v for k, v in BASE_MODELS.items() if k in cfg.init_from.lower()), None)
@@ -188,20 +195,3 @@ def check(cfg, world, device, log=print):
         else:
             raise SystemExit(f"memory plan: {problem}")
     return totals
-
-
-# ----------------------------------------------------------------------------- compute: for the MFU in train.py's log lines
-
-def flops_per_token(model):
-    """Training FLOPs per token, 6N plus attention (PaLM appendix B), for MFU."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    return 6 * n + 12 * c.n_layer * c.n_embd * c.max_seq_len
-
-
-def peak_flops(device):
-    """bf16 dense peak of the GPU, for MFU; None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)] if key in name), None)

@@ -11,19 +11,19 @@ Train a language model with MLE or with sequence-level Contrastive Preference Op
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=cpo --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 train.py config/dolly_gpt2xl_mixnr.py
 
-One CPO step, top to bottom, each function calling the next:
+One CPO step, in the order the code calls it:
+  train                               the loop: this step's global batch (data.global_batch), lr, clip, AdamW
   train_step                          this rank's micro-batches of the global batch; backward on each
-  cpo_objective                       one micro-batch of B examples
-  negatives.build_cpo_batch           each example's ground truth and K-1 negatives: (B, K, T) ids, masks
-  sequence_logps                      the model's forward pass to its final hidden states (model.py)
-  shared_prompt_logps                 the same, each prompt run once for its K continuations (--shared_prompt)
-  cpo.sequence_logprobs_from_hidden   log pi(y|x) of the B*K sequences, policy and (cached) reference
-  cpo.cpo_loss                        eq. (1), or eq. (2) with --ranked
-then train() clips the gradient norm and steps AdamW.
+  cpo_objective                       one micro-batch of B examples:
+    negatives.build_cpo_batch         each ground truth and its K-1 negatives: (B, K, T) ids and masks
+    model.Transformer.forward         the final hidden states of the B*K sequences (group_logps)
+    cpo.sequence_logprobs_from_hidden log pi(y|x) of each, without the (N, T, V) logits; pi_ref's likewise
+    cpo.cpo_loss                      eq. (1), or eq. (2) with --ranked: per-example losses and rewards
+scoring.py holds the two optimisations beside this plain path: the shared-prompt forward (--shared_prompt)
+and the reference cache.
 """
 import copy
 import gc
-import hashlib
 import json
 import math
 import os
@@ -44,11 +44,12 @@ import decoding
 import fsdp
 import negatives
 import plan
+import scoring
 from checkpoint import all_ranks, barrier, checkpoints, restore_checkpoint, resume_newest, save_checkpoint
 from common import cut_at_eos, write_atomic
 from hf import load, save_pretrained
 from settings import Config, load_preset, parse_args, validate_config
-from model import ModelConfig, Transformer
+from model import Transformer, resolve_device
 from tokenizer import byte_tokenizer
 
 
@@ -61,11 +62,12 @@ class Runtime:
     autocast: Any = field(default_factory=nullcontext)  # torch.autocast(...) under bf16, else a no-op
     pad_id: int = 0
     eos_id: int = 0
-    ref_cache: dict | None = field(default_factory=dict)  # sequence key -> log pi_ref (None: no cache)
+    ref_cache: scoring.ReferenceCache | None = field(default_factory=scoring.ReferenceCache)  # None: no cache
     an_cache: dict | None = None  # example id -> AN negatives (negatives.load_an_cache)
     rejected: dict | None = None  # example id -> DPO's rejected Example (data.load_rejected)
     batch: list = field(default_factory=list)  # this step's whole global batch (Examples): BN's pool
-    step: int = 0  # the optimisation step being computed: it seeds the step's negatives
+    step: int = 0  # the optimisation step being computed: it seeds the step's negatives (and PSS's draws)
+    micro: int = 0  # this micro-batch's index in the global batch: PSS draws a stream per micro-batch
     shared_prompt: bool = True  # cpo/dpo: score (B, K, T) groups with the shared-prompt forward
 
 
@@ -73,7 +75,7 @@ class Runtime:
 
 def setup(cfg):
     """Returns (rank, world, device). torchrun sets RANK/WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -106,12 +108,8 @@ def starting_model(cfg):
         model, tok = load(cfg.init_from)
         dtype = next(model.parameters()).dtype
         return model.float(), tok, dtype
-    tok = byte_tokenizer()
-    config = ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_kv_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=4 * cfg.n_embd, max_seq_len=cfg.max_len,
-                         norm_eps=1e-5, tie_word_embeddings=True, bos_id=tok.bos_id, eos_id=tok.eos_id)
     torch.manual_seed(cfg.seed)  # the initial weights come from torch's global stream
-    return Transformer(config), tok, torch.float32
+    return Transformer(plan.scratch_model_config(cfg)), byte_tokenizer(), torch.float32
 
 
 def frozen_copy(model, dtype=torch.float32):
@@ -127,130 +125,47 @@ def unwrap(model):
     return getattr(model, "module", model)  # DDP
 
 
+# ----------------------------------------------------------------------------- one step of each objective
+# The plain path, as the paper defines the step. scoring.py holds the two optimisations that compute the same
+# numbers for less: the shared-prompt forward (--shared_prompt) and the reference cache (rt.ref_cache).
+# Each objective returns (its loss summed over this micro-batch's units, metrics); the loop divides by the
+# global batch's units (examples for cpo/dpo, continuation tokens for mle/pss), so the gradient is the same
+# for any split into ranks and micro-steps.
+
 def sequence_logps(model, ids, mask):
-    """log pi(y|x) of every sequence (N,): the sum over continuation tokens (the paper's reward uses the sum),
-    straight from the final hidden states, so the (N, T, V) logits never exist."""
-    hidden = model(ids[:, :-1], return_hidden=True)  # (N, T-1, C)
+    """log pi(y|x) of (N, T) sequences -> (N,): the SUM over continuation tokens (the paper's reward uses the
+    sum), straight from the final hidden states, so the (N, T, V) logits never exist."""
+    hidden = model(ids[:, :-1], return_hidden=True)  # (N, T-1, C): hidden[:, t] predicts ids[:, t + 1]
     return cpo.sequence_logprobs_from_hidden(hidden, unwrap(model).lm_head.weight, ids[:, 1:], mask[:, 1:])
 
 
-def shared_prompt_logps(model, ids, mask, device=None):
-    """sequence_logps of (B, K, T) sequences -> (B, K), each prompt run once for its K continuations
-    (model.Transformer.forward_shared_prompt): the same numbers, a prompt's cost paid once instead of K times.
-    Give ids and mask on the CPU, where splitting them off their prompts (shape checks, lengths) makes the
-    device wait for nothing; the pieces then go to `device` (default: ids' own)."""
+def group_logps(model, ids, mask, rt):
+    """log pi(y|x) of (B, K, T) groups, the K of an example sharing its prompt -> (B, K). ids and mask come
+    on the CPU and go to rt.device. With --shared_prompt, each prompt runs once
+    (scoring.shared_prompt_logps)."""
     B, K, T = ids.shape
-    device = ids.device if device is None else device
-    prompt, prompt_mask, cont, cont_mask, n_prompt = negatives.split_prompts(ids, mask)
-    if int(n_prompt.min()) == 0:  # nothing predicts a first token without a prompt; the naive path skips it
-        return sequence_logps(model, ids.flatten(0, 1).to(device), mask.flatten(0, 1).to(device)).view(B, K)
-    prompt, prompt_mask, cont, cont_mask = (x.to(device) for x in (prompt, prompt_mask, cont, cont_mask))
-    unwrap(model)._check_length(T - 1)  # the naive path's rows; past them forward_shared_prompt sees only padding
-    h_p, h_c = model(prompt, return_hidden=True, attention_mask=prompt_mask, continuations=cont)  # (B, P, C), (B, K, S, C)
-    # the prompt's last hidden state predicts each continuation's first token, h_c[:, :, s] the token s + 1
-    hidden = torch.cat([h_p[:, None, -1:].expand(B, K, 1, h_p.shape[-1]), h_c[:, :, :-1]], dim=2)  # (B, K, S, C)
-    return cpo.sequence_logprobs_from_hidden(hidden.flatten(0, 1), unwrap(model).lm_head.weight,
-                                             cont.flatten(0, 1), cont_mask.flatten(0, 1)).view(B, K)
-
-
-def sequence_keys(ids, mask):
-    """The key of the reference cache: a 16-byte hash of the sequence's tokens up to its EOS."""
-    ends = (mask.cumsum(1).argmax(1) + 1).tolist()  # position after the last continuation token
-    return [hashlib.blake2b(ids[i, :e].numpy().tobytes(), digest_size=16).digest() for i, e in enumerate(ends)]
+    if rt.shared_prompt and not mask[:, :, 0].any():  # every group has a prompt to share
+        return scoring.shared_prompt_logps(model, ids, mask, rt.device)
+    ids, mask = ids.view(B * K, T).to(rt.device), mask.view(B * K, T).to(rt.device)
+    return sequence_logps(model, ids, mask).view(B, K)
 
 
 @torch.no_grad()
-def reference_logps(ref, ids, mask, cache, device, autocast, cacheable=None):
-    """log pi_ref(y|x) of (N, T) sequences (N,), or of (B, K, T) groups sharing a prompt (B, K), each prompt
-    run once (shared_prompt_logps). With a cache, each distinct sequence is scored once for the whole run: the
-    ground truths, AN, TN (and MN from pi_ref) negatives are a pure function of (seed, example), so they come
-    back every epoch; BN negatives recur when two examples share a batch again. A row (a sequence, or a group)
-    with any sequence not cached is scored whole; the keys are the same sequence hashes either way. Sequences
-    whose cacheable (ids' shape without T) is False are scored afresh and never stored (MN from the policy:
-    new every step, they would only grow the cache)."""
-    def score(rows):  # log pi_ref of ids[rows], on the device
-        if ids.dim() == 3:
-            return shared_prompt_logps(ref, ids[rows], mask[rows], device)
-        return sequence_logps(ref, ids[rows].to(device), mask[rows].to(device))
-
-    if cache is None:
-        with autocast:
-            return score(slice(None)).float()
-    keys = sequence_keys(ids.flatten(0, -2), mask.flatten(0, -2))
-    K = len(keys) // len(ids)  # sequences per row of ids: 1, or a group's K
-    fresh = [False] * len(keys) if cacheable is None else (~cacheable.flatten().bool()).tolist()
-    stale = [fresh[j] or keys[j] not in cache for j in range(len(keys))]
-    missing = [i for i in range(len(ids)) if any(stale[i * K:(i + 1) * K])]
-    run_forward = bool(missing)
+def reference_logps(ref, ids, mask, cacheable, rt):
+    """log pi_ref(y|x) of (B, K, T) groups -> (B, K). Without a cache (rt.ref_cache None), every group is
+    scored; with one, only the groups holding a sequence it cannot answer (scoring.ReferenceCache)."""
+    if rt.ref_cache is None:
+        return group_logps(ref, ids, mask, rt).float()
+    rows = rt.ref_cache.rows_to_score(ids, mask, cacheable)
+    run_forward = bool(rows)
     if fsdp.is_sharded(ref):
         # A sharded pi_ref all-gathers its weights inside the forward, a collective: every rank runs it or
         # none does, whatever its own cache holds (one rank skipping it is a gloo abort, a NCCL hang).
-        run_forward = not all_ranks(not run_forward, device)
-    scored = {}
+        run_forward = not all_ranks(not rows, rt.device)
+    scores = None
     if run_forward:
-        rows = missing or [0]  # a rank with every row cached scores one anyway, only to join the all-gather
-        with autocast:
-            scores = score(rows).float().flatten().tolist()
-        scored = dict(zip([i * K + j for i in missing for j in range(K)], scores))
-        cache.update((keys[j], s) for j, s in scored.items() if stale[j] and not fresh[j])
-    logps = [scored[j] if stale[j] else cache[k] for j, k in enumerate(keys)]
-    return torch.tensor(logps, device=device).view(ids.shape[:-1])
-
-
-# ----------------------------------------------------------------------------- objectives
-# Each returns (the loss summed over this micro-batch's units, metrics); the loop divides by the
-# global batch's units (examples for cpo/dpo, continuation tokens for mle/pss), so the gradient is the
-# same for any split into ranks and micro-steps.
-
-def mle_objective(cfg, policy, ref, examples, rt, micro_id):
-    """Next-token NLL of the continuation tokens."""
-    ids, mask = data.collate(examples, rt.pad_id)  # (B, T)
-    return -sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).sum(), {"tokens": ids.numel()}
-
-
-def score_sequences(policy, ref, ids, mask, rt, cacheable=None):
-    """log pi_theta and log pi_ref of (B, K, T) sequences -> two (B, K) tensors (rt.shared_prompt: each prompt
-    run once); cacheable (B, K): see reference_logps."""
-    B, K, T = ids.shape
-    if rt.shared_prompt:
-        policy_logps = shared_prompt_logps(policy, ids, mask, rt.device)
-        ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast, cacheable)
-    else:
-        ids, mask = ids.view(B * K, T), mask.view(B * K, T)
-        cacheable = None if cacheable is None else cacheable.reshape(B * K)
-        policy_logps = sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).view(B, K)
-        ref_logps = reference_logps(ref, ids, mask, rt.ref_cache, rt.device, rt.autocast, cacheable).view(B, K)
-    if not torch.isfinite(policy_logps).all():  # the model diverged; the loop stops the run cleanly
-        raise FloatingPointError("the policy's log-probs are NaN or inf")
-    return policy_logps, ref_logps
-
-
-def cpo_objective(cfg, policy, ref, examples, rt, micro_id):
-    """Eq. (1), or eq. (2) with cfg.ranked: each ground truth against its K-1 synthetic negatives."""
-    ids, mask, valid, kinds = cpo_batch(cfg, policy, ref, examples, rt)
-    cacheable = reference_cacheable(kinds, cfg)
-    policy_logps, ref_logps = score_sequences(policy, ref, ids, mask, rt, cacheable)
-    # An example all of whose negatives equal its ground truth (a good model's AN or MN samples of a short
-    # answer can) has nothing to contrast: it sits out this step, adding zero to the summed loss.
-    keep = valid[:, 1:].any(1)  # (B,), on the CPU: no sync
-    if not keep.any():
-        return 0.0 * policy_logps.sum(), {"tokens": ids.numel()}
-    device, kept = rt.device, keep.to(rt.device)
-    loss, metrics = cpo.cpo_loss(policy_logps[kept], ref_logps[kept], beta=cfg.beta, ranked=cfg.ranked,
-                                 valid=valid[keep].to(device), mle_weight=cfg.mle_weight,
-                                 gt_tokens=mask[keep, 0].sum(-1).to(device))
-    return loss * int(keep.sum()), {**metrics, **logp_diagnostics(policy_logps[kept], valid[keep].to(device)),
-                                    "tokens": ids.numel()}
-
-
-def logp_diagnostics(policy_logps, valid=None):
-    """Mean log pi_theta of the ground truths (column 0) and of the valid negatives (all, without `valid`): if
-    both fall while the margin grows, the loss is being won by pushing everything down (DPO's known failure)."""
-    lp = policy_logps.detach()  # (B, K)
-    if valid is None:
-        return {"logp_truth": lp[:, 0].mean(), "logp_negatives": lp[:, 1:].mean()}
-    neg = valid[:, 1:]
-    return {"logp_truth": lp[:, 0].mean(), "logp_negatives": (lp[:, 1:] * neg).sum() / neg.sum().clamp(min=1)}
+        scores = group_logps(ref, ids[rows or [0]], mask[rows or [0]], rt).float()  # [0]: only to join in
+    return rt.ref_cache.fill(ids, mask, cacheable, rows, scores if rows else None, rt.device)
 
 
 def negatives_generator(cfg, step):
@@ -258,56 +173,106 @@ def negatives_generator(cfg, step):
     cuts, MN positions and draws and BN picks are drawn afresh each step, from (seed, step) and, inside
     build_cpo_batch, each example's id: the same for any world size and micro-batch split, and on --resume.
     --fixed_negatives: one draw per example for the whole run (the same negatives every epoch)."""
-    return negatives.make_generator(cfg.seed) if cfg.fixed_negatives else negatives.make_generator(cfg.seed, "step", step)
-
-
-def reference_cacheable(kinds, cfg):
-    """(B, K) kinds -> (B, K) bool: which sequences' log pi_ref may be cached for the run, because they come
-    back. Ground truths (kind 0) and AN negatives read from the offline cache always; with fixed negatives
-    also BN, TN and MN from pi_ref. Negatives drawn afresh each step, and MN from the policy, would only
-    grow the cache."""
     if cfg.fixed_negatives:
-        return (kinds != 1 + negatives.KINDS.index("mn")) | (cfg.mn_model == "ref")
-    return (kinds == 0) | ((kinds == 1 + negatives.KINDS.index("an")) & bool(cfg.an_cache))
+        return negatives.make_generator(cfg.seed)
+    return negatives.make_generator(cfg.seed, "step", step)
+
+
+def check_finite(policy_logps):
+    if not torch.isfinite(policy_logps).all():  # the model diverged; the loop stops the run cleanly
+        raise FloatingPointError("the policy's log-probs are NaN or inf")
 
 
 def cpo_batch(cfg, policy, ref, examples, rt):
-    """-> (B, K, T) ids, masks, (B, K) valid, kinds. BN from the global batch rt.batch (negatives.batch_negatives)."""
+    """This micro-batch's ground truths (column 0) and negatives -> (B, K, T) ids and continuation masks,
+    (B, K) valid and cacheable, on the CPU. BN draws from the whole global batch rt.batch, MN from pi_theta
+    (the paper's §3; --mn_model=ref: from pi_ref)."""
     return negatives.build_cpo_batch(
         examples, cfg.negatives, ref, pad_id=rt.pad_id, eos_id=rt.eos_id,
-        generator=negatives_generator(cfg, rt.step),
-        an_cache=rt.an_cache, ranked=cfg.ranked, allow_fewer=True, return_kinds=True,
-        bn_pool=[e.continuation_ids for e in rt.batch or examples],
-        mn_model=unwrap(policy) if cfg.mn_model == "policy" else ref)  # column 0 the ground truth
+        generator=negatives_generator(cfg, rt.step), an_cache=rt.an_cache, ranked=cfg.ranked,
+        allow_fewer=True, bn_pool=[e.continuation_ids for e in rt.batch or examples],
+        mn_model=unwrap(policy) if cfg.mn_model == "policy" else ref, fixed_negatives=cfg.fixed_negatives)
 
 
-def dpo_objective(cfg, policy, ref, examples, rt, micro_id):
+def cpo_objective(cfg, policy, ref, examples, rt):
+    """Eq. (1), or eq. (2) with cfg.ranked: each ground truth against its K-1 synthetic negatives."""
+    ids, mask, valid, cacheable = cpo_batch(cfg, policy, ref, examples, rt)  # (B, K, T) x 2, (B, K) x 2
+    policy_logps = group_logps(policy, ids, mask, rt)  # (B, K) log pi_theta(y|x)
+    ref_logps = reference_logps(ref, ids, mask, cacheable, rt)  # (B, K) log pi_ref(y|x)
+    check_finite(policy_logps)
+    # An example all of whose negatives equal its ground truth (a good model's AN or MN samples of a short
+    # answer can) has nothing to contrast: it sits out this step, adding zero to the summed loss.
+    has_negative = valid[:, 1:].any(1)  # (B,), on the CPU: no sync
+    if not has_negative.any():
+        return 0.0 * policy_logps.sum(), {"tokens": ids.numel()}
+    rows, valid = has_negative.to(rt.device), valid[has_negative].to(rt.device)
+    policy_logps, ref_logps = policy_logps[rows], ref_logps[rows]  # (B', K)
+    losses, rewards = cpo.cpo_loss(policy_logps, ref_logps, beta=cfg.beta, ranked=cfg.ranked, valid=valid)
+    loss = losses.sum()
+    if cfg.mle_weight:
+        # the paper's mixed objective alpha * L_MLE + L_CPO per example, L_MLE the mean token NLL of this
+        # micro-batch's ground truths (cpo.mle_loss's definition)
+        truth_tokens = mask[has_negative, 0].sum()
+        mle = -policy_logps[:, 0].sum() / truth_tokens.to(rt.device)
+        loss = loss + cfg.mle_weight * mle * len(losses)
+    metrics = {**cpo.reward_metrics(rewards, valid), **logp_diagnostics(policy_logps, valid)}
+    return loss, {**metrics, "tokens": ids.numel()}
+
+
+def logp_diagnostics(policy_logps, valid=None):
+    """Mean log pi_theta of the ground truths (column 0) and of the valid negatives (all, without `valid`): if
+    both fall while the margin grows, the loss is being won by pushing everything down (DPO's known
+    failure)."""
+    lp = policy_logps.detach()  # (B, K)
+    if valid is None:
+        return {"logp_truth": lp[:, 0].mean(), "logp_negatives": lp[:, 1:].mean()}
+    neg = valid[:, 1:]
+    return {"logp_truth": lp[:, 0].mean(), "logp_negatives": (lp[:, 1:] * neg).sum() / neg.sum().clamp(min=1)}
+
+
+def mle_objective(cfg, policy, ref, examples, rt):
+    """Next-token NLL of the continuation tokens."""
+    ids, mask = data.collate(examples, rt.pad_id)  # (B, T)
+    return -sequence_logps(policy, ids.to(rt.device), mask.to(rt.device)).sum(), {"tokens": ids.numel()}
+
+
+def dpo_objective(cfg, policy, ref, examples, rt):
     """DPO's Bradley-Terry loss: the ground truth against one rejected response per prompt."""
+    B = len(examples)
     rejected = [rt.rejected[e.id] for e in examples]
     ids, mask = data.collate([e for pair in zip(examples, rejected) for e in pair], rt.pad_id)  # (2B, T)
-    policy_logps, ref_logps = score_sequences(policy, ref, ids.view(len(examples), 2, -1), mask.view(len(examples), 2, -1), rt)
-    loss, metrics = cpo.dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta)
-    return loss * len(examples), {**metrics, **logp_diagnostics(policy_logps), "tokens": ids.numel()}
+    ids, mask = ids.view(B, 2, -1), mask.view(B, 2, -1)  # (B, 2, T): chosen, rejected
+    policy_logps = group_logps(policy, ids, mask, rt)  # (B, 2)
+    ref_logps = reference_logps(ref, ids, mask, torch.ones(B, 2, dtype=torch.bool), rt)  # both come back
+    check_finite(policy_logps)
+    losses, chosen, rejected = cpo.dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0],
+                                            ref_logps[:, 1], cfg.beta)
+    metrics = {**cpo.reward_metrics(torch.stack([chosen, rejected], 1)), **logp_diagnostics(policy_logps)}
+    return losses.sum(), {**metrics, "tokens": ids.numel()}
 
 
-def pss_objective(cfg, policy, ref, examples, rt, micro_id):
+def pss_objective(cfg, policy, ref, examples, rt):
     """Parallel scheduled sampling (Duckworth et al. 2019, "Parallel Scheduled Sampling"): a teacher-forced
     pass samples a token at every position; each continuation input token is replaced by its sample with
     probability p; a second pass on the mixed inputs is trained against the ground-truth targets."""
-    step, j = micro_id
-    device = rt.device
+    device, step = rt.device, rt.step
     ids, mask = data.collate(examples, rt.pad_id)
-    ids, mask = ids.repeat(cfg.pss_samples, 1).to(device), mask.repeat(cfg.pss_samples, 1).to(device)  # (S*B, T)
+    ids = ids.repeat(cfg.pss_samples, 1).to(device)  # (S*B, T)
+    mask = mask.repeat(cfg.pss_samples, 1).to(device)
     p = cfg.pss_p * min(1.0, (step + 1) / cfg.pss_warmup_steps) if cfg.pss_warmup_steps else cfg.pss_p
-    seed = int(np.random.SeedSequence([cfg.seed, step, j]).generate_state(1)[0])  # one stream per micro-batch
+    # a stream per micro-batch
+    seed = int(np.random.SeedSequence([cfg.seed, step, rt.micro]).generate_state(1)[0])
     gen = negatives.make_generator(seed, device=device)
     with torch.no_grad():
         logits = unwrap(policy)(ids[:, :-1]).float()  # (N, T-1, V): logits[:, t] predicts token t+1
-        samples = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=gen).view(ids.shape[0], -1)
-    replace = mask[:, 1:] & (torch.rand(samples.shape, generator=gen, device=device) < p)  # continuation positions only
+        probs = logits.softmax(-1).flatten(0, 1)
+        samples = torch.multinomial(probs, 1, generator=gen).view(ids.shape[0], -1)  # (N, T-1)
+    draw = torch.rand(samples.shape, generator=gen, device=device) < p
+    replace = mask[:, 1:] & draw  # continuation positions only
     mixed = torch.cat([ids[:, :1], torch.where(replace, samples, ids[:, 1:])], dim=1)
-    hidden = policy(mixed[:, :-1], return_hidden=True)  # (N, T-1, C), inputs from the mix...
-    logps = cpo.sequence_logprobs_from_hidden(hidden, unwrap(policy).lm_head.weight, ids[:, 1:], mask[:, 1:])  # ...targets the truth
+    hidden = policy(mixed[:, :-1], return_hidden=True)  # (N, T-1, C): inputs from the mix...
+    weight = unwrap(policy).lm_head.weight
+    logps = cpo.sequence_logprobs_from_hidden(hidden, weight, ids[:, 1:], mask[:, 1:])  # ...targets the truth
     return -logps.sum(), {"tokens": mixed.numel()}
 
 
@@ -366,6 +331,24 @@ def heldout_loss(model, examples, pad_id, device, autocast, batch_size=32):
 
 # ----------------------------------------------------------------------------- the loop
 
+def flops_per_token(model):
+    """Training FLOPs per token, 6N plus attention (PaLM appendix B): the MFU of the log line."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.max_seq_len
+
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak, for the MFU of the log line; None where unknown (and on the CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 DIAGNOSTICS = ("reward_accuracy", "reward_margin", "logp_truth", "logp_negatives")  # cpo/dpo, per example
 
 
@@ -378,83 +361,122 @@ def train_step(cfg, policy, ref, micro, rt, step, units, world):
     for m, examples in enumerate(micro):
         # DDP all-reduces the gradients on the last micro-step only, and must know it before the forward
         with fsdp.grad_sync(policy, m == accum - 1), rt.autocast:
-            loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, rt, (step, rank * accum + m))
-        (loss_sum * world / units).backward()  # DDP averages over ranks: this makes it the global batch's mean
-        sums += torch.stack([loss_sum.detach().float()] + [len(examples) * metrics.get(k, zero) for k in DIAGNOSTICS])
+            rt.micro = rank * accum + m
+            loss_sum, metrics = OBJECTIVES[cfg.objective](cfg, policy, ref, examples, rt)
+        # DDP averages over ranks: world / units makes it the global batch's mean
+        (loss_sum * world / units).backward()
+        diagnostics = [len(examples) * metrics.get(k, zero) for k in DIAGNOSTICS]  # means -> sums
+        sums += torch.stack([loss_sum.detach().float()] + diagnostics)
         tokens += metrics["tokens"]
     return all_sum(sums).tolist(), tokens
 
 
+def log_line(done, cfg, loss, lr, sums, tok_s, eta, mfu, contrastive):
+    """The step's log line, and its numbers for metrics.jsonl. contrastive (cpo/dpo): the diagnostics too."""
+    diag = dict(zip(DIAGNOSTICS, (x / cfg.batch_size for x in sums[1:]))) if contrastive else {}
+    line = f"step {done}/{cfg.steps} | loss {loss:.4f}"
+    if diag:
+        line += (f" | acc {diag['reward_accuracy']:.2f} margin {diag['reward_margin']:.2f}"
+                 f" | log pi truth {diag['logp_truth']:.2f} negatives {diag['logp_negatives']:.2f}")
+    line += f" | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+    if mfu is not None:
+        line += f" | mfu {100 * mfu:.1f}%"
+    return line + f" | eta {eta / 60:.1f} min", {"step": done, "loss": loss, "lr": lr, **diag}
+
+
+def load_data(cfg, tok):
+    """(training examples, held-out examples), refusing a run that has nothing to train on, or a BN count
+    that no batch of this data could satisfy."""
+    train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed,
+                               val_fraction=cfg.val_fraction)
+    if not train_set:
+        raise SystemExit(f"task {cfg.task!r}: no training examples (an empty file, or every example "
+                         f"dropped: see the counts above)")
+    negatives.check_bn_satisfiable(bn_count(cfg), [e.continuation_ids for e in train_set], cfg.batch_size)
+    return train_set, heldout_set(cfg, tok)
+
+
+def bn_count(cfg):
+    """BN negatives per example of a CPO run (0 otherwise)."""
+    return dict(negatives.parse_spec(cfg.negatives)).get("bn", 0) if cfg.objective == "cpo" else 0
+
+
 def train(cfg):
-    """One run: cfg.steps optimisation steps of cfg.objective from cfg.init_from. Returns the final model's folder."""
+    """One run: cfg.steps optimisation steps of cfg.objective from cfg.init_from. Returns the final model's
+    folder."""
     validate_config(cfg)
     rank, world, device = setup(cfg)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    final_dir = os.path.join(cfg.out_dir, "final")
     accum, rem = divmod(cfg.batch_size, cfg.micro_batch_size * world)
     if rem or accum == 0:
-        raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {cfg.micro_batch_size} x world size {world}")
+        raise SystemExit(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size "
+                         f"{cfg.micro_batch_size} x world size {world}")
     if cfg.objective not in OBJECTIVES:
         raise SystemExit(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
-    shard = cfg.fsdp and world > 1  # a preset's --fsdp run in one process (a test, a stand-in model): nothing to shard
+    # a preset's --fsdp run in one process (a test, a stand-in model) has nothing to shard
+    shard = cfg.fsdp and world > 1
     if cfg.fsdp and not shard:
         log("--fsdp: one process, nothing to shard; training unsharded")
     plan.check(cfg, world, device, log)  # before any weights are read: stops here if the run cannot fit
     model, tok, start_dtype = starting_model(cfg)
     model.checkpoint_blocks = cfg.activation_checkpointing
-    ref_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" and device.type == "cuda" else torch.float32
-    ref = frozen_copy(model, ref_dtype) if cfg.objective in ("cpo", "dpo") else None
-    train_set = data.load_task(cfg.task, "train", tok, cfg.max_len, n=cfg.n_train or None, seed=cfg.seed,
-                               val_fraction=cfg.val_fraction)
-    if not train_set:
-        raise SystemExit(f"task {cfg.task!r}: no training examples (an empty file, or every example dropped: see the counts above)")
-    bn = dict(negatives.parse_spec(cfg.negatives)).get("bn", 0) if cfg.objective == "cpo" else 0
-    negatives.check_bn_satisfiable(bn, [e.continuation_ids for e in train_set], cfg.batch_size)
-    val_set = heldout_set(cfg, tok)
+    ref = None
+    if cfg.objective in ("cpo", "dpo"):
+        ref_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" and device.type == "cuda" else torch.float32
+        ref = frozen_copy(model, ref_dtype)
+    train_set, val_set = load_data(cfg, tok)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    model.to(device)
-    if ref is not None:
-        ref.to(device)
-    if shard:  # before the optimizer, which must see the sharded parameters
-        fsdp.shard(model, device)
-        if ref is not None:
-            fsdp.shard(ref, device)
+    for net in (model, ref):
+        if net is not None:
+            net.to(device)
+            if shard:  # before the optimizer, which must see the sharded parameters
+                fsdp.shard(net, device)
     save, restore = (fsdp.save, fsdp.restore) if shard else (save_checkpoint, restore_checkpoint)
     optimizer = make_optimizer(model, cfg, device)
-    rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=cfg.shared_prompt,
-                 an_cache=negatives.load_an_cache(cfg.an_cache) if cfg.an_cache else None,
-                 rejected=data.load_rejected(cfg.dpo_rejected, train_set, tok, cfg.max_len) if cfg.objective == "dpo" else None)
+    rt = Runtime(device=device, rank=rank, autocast=autocast, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                 shared_prompt=cfg.shared_prompt)
+    if cfg.an_cache:
+        rt.an_cache = negatives.load_an_cache(cfg.an_cache)
+    if cfg.objective == "dpo":
+        rt.rejected = data.load_rejected(cfg.dpo_rejected, train_set, tok, cfg.max_len)
 
     start = 0
     if cfg.resume and checkpoints(cfg.out_dir):
-        start, rt.ref_cache = resume_newest(cfg, model, optimizer, rank, log, restore)
+        start, entries = resume_newest(cfg, model, optimizer, rank, log, restore)
+        rt.ref_cache = scoring.ReferenceCache(entries)
         log(f"resumed from {cfg.out_dir} at step {start}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
     log(f"config: {json.dumps(asdict(cfg))}")
-    log(f"{cfg.objective} on {cfg.task}: {len(train_set)} training examples, {world} rank(s) x {accum} micro-steps x "
-        f"{cfg.micro_batch_size} = global batch {cfg.batch_size}, device {device}, {'bf16 autocast' if use_bf16 else 'float32'}")
+    log(f"{cfg.objective} on {cfg.task}: {len(train_set)} training examples, {world} rank(s) x {accum} "
+        f"micro-steps x {cfg.micro_batch_size} = global batch {cfg.batch_size}, device {device}, "
+        f"{'bf16 autocast' if use_bf16 else 'float32'}")
 
-    policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 and not shard else model
+    policy = model
+    if world > 1 and not shard:
+        policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         policy = torch.compile(policy)
-    fpt, peak = plan.flops_per_token(model), plan.peak_flops(device)
+    fpt, peak = flops_per_token(model), peak_flops(device)
     t_start, t_last, tokens_since = time.time(), time.time(), 0
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         indices = data.global_batch(step, len(train_set), cfg.batch_size, cfg.seed)
-        units = UNITS[cfg.objective](cfg, [train_set[i] for i in indices])  # examples or tokens in the global batch
-        micro = [[train_set[i] for i in chunk] for chunk in data.micro_batches(indices, rank, world, cfg.micro_batch_size)]
         rt.batch = [train_set[i] for i in indices]  # BN's pool: the global batch, the same on every rank
         rt.step = step
-        if bn and (short := negatives.bn_shortfall([e.continuation_ids for e in rt.batch], bn)):
-            log(f"step {step + 1}: {short} BN columns left invalid (the global batch repeats examples or answers)")
+        units = UNITS[cfg.objective](cfg, rt.batch)  # examples or tokens in the global batch
+        chunks = data.micro_batches(indices, rank, world, cfg.micro_batch_size)
+        micro = [[train_set[i] for i in chunk] for chunk in chunks]
+        short = negatives.bn_shortfall([e.continuation_ids for e in rt.batch], bn_count(cfg))
+        if short:
+            log(f"step {step + 1}: {short} BN columns left invalid "
+                f"(the global batch repeats examples or answers)")
         try:
             sums, tokens = train_step(cfg, policy, ref, micro, rt, step, units, world)
             loss = sums[0] / units
@@ -473,30 +495,36 @@ def train(cfg):
         done = step + 1
         if done % cfg.log_interval == 0 or done in (1, cfg.steps):  # step 1: the starting point of the curves
             dt, t_last = time.time() - t_last, time.time()
-            tok_s = tokens_since / dt
-            tokens_since = 0
+            tok_s, tokens_since = tokens_since / dt, 0
             eta = (time.time() - t_start) / (done - start) * (cfg.steps - done)
-            diag = dict(zip(DIAGNOSTICS, (x / cfg.batch_size for x in sums[1:]))) if ref is not None else {}
-            extra = (f" | acc {diag['reward_accuracy']:.2f} margin {diag['reward_margin']:.2f} | log pi truth "
-                     f"{diag['logp_truth']:.2f} negatives {diag['logp_negatives']:.2f}") if diag else ""
-            mfu = f" | mfu {100 * tok_s * fpt / (peak * world):.1f}%" if peak else ""
-            log(f"step {done}/{cfg.steps} | loss {loss:.4f}{extra} | lr {lr:.2e} | {tok_s:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+            mfu = tok_s * fpt / (peak * world) if peak else None
+            line, record = log_line(done, cfg, loss, lr, sums, tok_s, eta, mfu, contrastive=ref is not None)
+            log(line)
             if master:
-                append_metrics(cfg.out_dir, {"step": done, "loss": loss, "lr": lr, **diag})
-        if (master or shard) and cfg.eval_interval and val_set and (done % cfg.eval_interval == 0 or done == cfg.steps):
-            log(f"step {done}: held-out loss {heldout_loss(model, val_set, tok.pad_id, device, autocast):.4f}")
+                append_metrics(cfg.out_dir, record)
+        evaluate_now = cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.steps)
+        if (master or shard) and evaluate_now and val_set:
+            heldout = heldout_loss(model, val_set, tok.pad_id, device, autocast)
+            log(f"step {done}: held-out loss {heldout:.4f}")
         if cfg.ckpt_interval and done % cfg.ckpt_interval == 0 and done < cfg.steps:
-            log(f"saved {save(cfg, done, model, tok, optimizer, rt.ref_cache, rank)}")
+            log(f"saved {save(cfg, done, model, tok, optimizer, rt.ref_cache.entries, rank)}")
 
     if master and ref is not None and val_set and not shard:  # sharded, generation would need every rank
         changed = changed_vs_reference(model, ref, tok, val_set, rt.autocast)
         log(f"held-out greedy outputs changed vs the reference: {changed:.3f} of {len(val_set)}")
         append_metrics(cfg.out_dir, {"step": cfg.steps, "changed_vs_ref": changed})
-    save(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache, rank)
-    final_model = fsdp.gathered(model, optimizer)[0] if shard else model  # every rank takes part in the gather
+    save(cfg, cfg.steps, model, tok, optimizer, rt.ref_cache.entries, rank)
+    return save_final(cfg, model, optimizer, tok, start_dtype, shard, master, log)
+
+
+def save_final(cfg, model, optimizer, tok, start_dtype, shard, master, log):
+    """out_dir/final: the model in HF format, in the starting checkpoint's dtype (or --save_dtype), with the
+    training max_len in nanocpo.json. Every rank calls it (a sharded model is gathered first)."""
+    final_dir = os.path.join(cfg.out_dir, "final")
+    final_model = fsdp.gathered(model, optimizer)[0] if shard else model  # every rank joins the gather
     if master:
         save_dtype = start_dtype if cfg.save_dtype == "auto" else getattr(torch, cfg.save_dtype)
-        save_pretrained(final_model.to(save_dtype), final_dir, tok)  # the last use of the model: cast in place
+        save_pretrained(final_model.to(save_dtype), final_dir, tok)  # its last use: cast in place
         write_atomic(os.path.join(final_dir, "nanocpo.json"), json.dumps({"max_len": cfg.max_len}))
         log(f"saved {final_dir} ({str(save_dtype).removeprefix('torch.')})")
     barrier()
@@ -514,7 +542,8 @@ def changed_vs_reference(model, ref, tok, examples, autocast):
     model's behaviour as it was, whatever its loss did. Up to the longest held-out answer's length."""
     n_new = max(len(e.continuation_ids) for e in examples)
     with autocast:
-        gens = [decoding.greedy_continuations(m, tok, examples, n_new) for m in (unwrap(model).eval(), ref.eval())]
+        nets = (unwrap(model).eval(), ref.eval())
+        gens = [decoding.greedy_continuations(net, tok, examples, n_new) for net in nets]
     return sum(cut_at_eos(a, tok.eos_id) != cut_at_eos(b, tok.eos_id) for a, b in zip(*gens)) / len(examples)
 
 # ----------------------------------------------------------------------------- the embedded default
@@ -528,13 +557,15 @@ def run_pipeline(preset_path, flags):
     finals = {}
     for name, overrides in stages.items():
         cfg = Config(**{"resume": True, **base, **overrides, **flags})
-        cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name), init_from=finals.get(cfg.init_from, cfg.init_from))
+        cfg = replace(cfg, out_dir=os.path.join(cfg.out_dir, name),
+                      init_from=finals.get(cfg.init_from, cfg.init_from))
         final = os.path.join(cfg.out_dir, "final")
         if os.path.isdir(final):
             print(f"=== stage {name}: already trained, {final} (delete it to train again)")
             finals[name] = final
             continue
-        print(f"=== stage {name}: {cfg.objective} from {cfg.init_from}, {cfg.steps} steps, into {cfg.out_dir}")
+        print(f"=== stage {name}: {cfg.objective} from {cfg.init_from}, {cfg.steps} steps, "
+              f"into {cfg.out_dir}")
         finals[name] = train(cfg)
     if int(os.environ.get("RANK", 0)) != 0:
         return
@@ -557,7 +588,7 @@ def main(argv):
     base, stages = load_preset(path)
     if flags.get("plan"):
         cfg = Config(**{**base, **flags})
-        device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(resolve_device(cfg.device))
         plan.check(cfg, cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1)), device)
     elif preset is None and flags:  # flags alone: exactly one run, never the default's stages (see ONE_RUN)
         train(Config(**flags))

@@ -45,7 +45,7 @@ def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
     rows = [{"id": e.id, "rejected": e.response[::-1] + "x"} for e in examples]
     path = write_rejected(tmp_path / "rejected.jsonl", rows)
     rt.rejected = data.load_rejected(path, examples, tok, cfg.max_len)
-    loss_sum, _ = train.dpo_objective(cfg, policy, ref, examples, rt, (0, 0))
+    loss_sum, _ = train.dpo_objective(cfg, policy, ref, examples, rt)
     (loss_sum / len(examples)).backward()
     ours = grads(policy)
 
@@ -81,10 +81,10 @@ def test_rejected_file_errors_name_file_and_line(tmp_path):
 def test_pss_with_p0_is_exactly_an_mle_step():
     cfg, policy, tok, examples, rt = tiny_setup("pss", pss_p=0.0, pss_samples=3)
     tokens = sum(len(e.continuation_ids) for e in examples)
-    pss_loss, _ = train.pss_objective(cfg, policy, None, examples, rt, (0, 0))
+    pss_loss, _ = train.pss_objective(cfg, policy, None, examples, rt)
     (pss_loss / (cfg.pss_samples * tokens)).backward()
     pss = grads(policy)
-    mle_loss, _ = train.mle_objective(cfg, policy, None, examples, rt, (0, 0))
+    mle_loss, _ = train.mle_objective(cfg, policy, None, examples, rt)
     (mle_loss / tokens).backward()
     torch.testing.assert_close(pss_loss / cfg.pss_samples, mle_loss, atol=1e-5, rtol=1e-6)
     assert_grads_close(pss, grads(policy))
@@ -97,7 +97,7 @@ def test_pss_with_p1_feeds_samples_and_trains_on_the_truth(monkeypatch):
     monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: torch.full((len(probs), n), 7))
     seen = []
     policy.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    loss, _ = train.pss_objective(cfg, policy, None, examples, rt, (0, 0))
+    loss, _ = train.pss_objective(cfg, policy, None, examples, rt)
     loss.backward()
     ours = grads(policy)
 

@@ -1,5 +1,6 @@
-"""The layout the code promises its readers: one concern per file, imports in one direction, files short
-enough to read, and cpo_loss readable in one screen. Read with ast, so nothing here imports the files."""
+"""The layout the code promises its readers: one concern per file, imports in one direction, and cpo_loss
+readable in one screen. Line length is ruff's (.ci/run): a file that grows is split by concern, not squeezed.
+Read with ast, so nothing here imports the files."""
 import ast
 import glob
 import inspect
@@ -13,7 +14,7 @@ OURS = {os.path.basename(p)[:-3] for p in FILES}  # the top-level modules: what 
 # bench.py measures cold starts and peak memory: these run in a fresh process, which imports what it measures
 FRESH_PROCESS_WORKERS = {"bench.py": {"_loss_worker", "_train_worker", "_shared_prompt_worker"}}
 STANDALONE = ("common", "model", "cpo", "judge", "mauve", "charts")  # copyable alone: import nothing of ours
-MAX_LINES, MAX_MODEL_LINES, MAX_CPO_LOSS_LINES = 550, 500, 40
+MAX_CPO_LOSS_LINES = 40
 
 
 def project_imports(tree):
@@ -72,13 +73,6 @@ def test_standalone_files_import_nothing_of_ours(mod):
     if mod not in IMPORTS:
         pytest.skip(f"{mod}.py does not exist (yet)")
     assert not {dep for dep, _ in IMPORTS[mod] if dep != mod}, f"{mod}.py must be copyable on its own"
-
-
-def test_every_file_is_short_enough_to_read():
-    lines = {os.path.basename(p): sum(1 for _ in open(p, encoding="utf-8")) for p in FILES}
-    too_long = {name: n for name, n in lines.items() if n > MAX_LINES}
-    assert not too_long, f"files over {MAX_LINES} lines: {too_long}"
-    assert lines["model.py"] < MAX_MODEL_LINES, f"model.py has {lines['model.py']} lines"
 
 
 def test_cpo_loss_fits_one_screen():

@@ -204,7 +204,7 @@ def test_build_cpo_batch_mixn_and_seeding():
     exs = random_examples(8, seed=2) + [Ex("bare", [4], [EOS])]
     spec = "bn:3,mn:5,tn:3"
     out = build_cpo_batch(exs, spec, model, EOS, EOS, torch.Generator().manual_seed(0))
-    check_batch(exs, *out, K=12)
+    check_batch(exs, *out[:3], K=12)
     assert out[2][-1].tolist() == [True] * 4 + [False] * 8  # bare EOS: BN fine, MN == gt, TN impossible
     again = build_cpo_batch(exs, spec, model, EOS, EOS, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(out, again))
@@ -220,9 +220,19 @@ def test_build_cpo_batch_ranked_and_cache():
     model = BigramPositionModel()
     exs = random_examples(4, seed=5)
     cache = {e.id: [e.continuation_ids, [7, EOS], [8, 9, EOS]] for e in exs}  # first one == gt
-    ids, mask, valid = build_cpo_batch(exs, "an:3,tn:2", model, EOS, EOS, torch.Generator().manual_seed(0),
-                                       an_cache=cache, ranked=True)
+    ids, mask, valid, cacheable = build_cpo_batch(exs, "an:3,tn:2", model, EOS, EOS,
+                                                  torch.Generator().manual_seed(0), an_cache=cache, ranked=True)
     check_batch(exs, ids, mask, valid, K=6)
+    # which log pi_ref may be cached: the truth and the cached AN, wherever ranking put them; TN, drawn afresh
+    # each step, only with fixed negatives
+    comes_back = {tuple(c) for e in exs for c in cache[e.id]}  # the truths and the cached AN
+    for b in range(4):
+        for k in range(6):
+            if valid[b, k]:  # an invalid column holds a copy of the truth
+                assert bool(cacheable[b, k]) == (tuple(ids[b, k][mask[b, k]].tolist()) in comes_back)
+    fixed = build_cpo_batch(exs, "an:3,tn:2", model, EOS, EOS, torch.Generator().manual_seed(0), an_cache=cache,
+                            ranked=True, fixed_negatives=True)
+    assert fixed[3].all()
     emb = negatives.mean_pooled_embedding(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(4, 6, -1)
     for b in range(4):
         assert ids[b, 0][mask[b, 0]].tolist() == exs[b].continuation_ids  # ground truth first
@@ -333,7 +343,7 @@ def test_an_same_seed_same_output():
 def test_build_cpo_batch_real_model_all_kinds_ranked():
     model = tiny_model(dtype=torch.float32)
     exs = [Ex(f"r{i}", p, [30 + i, 40 + i, 50, TEOS]) for i, p in enumerate(PROMPTS)]
-    ids, mask, valid = build_cpo_batch(exs, "an:2,bn:2,mn:2,tn:2", model, TEOS, TEOS,
+    ids, mask, valid, _ = build_cpo_batch(exs, "an:2,bn:2,mn:2,tn:2", model, TEOS, TEOS,
                                        torch.Generator().manual_seed(0), ranked=True, max_new_tokens=6)
     check_batch(exs, ids, mask, valid, K=9, eos=TEOS)
     emb = negatives.mean_pooled_embedding(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(4, 9, -1)

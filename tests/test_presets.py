@@ -152,13 +152,13 @@ def bn_negatives_by_split(cfg, train_set, policy, ref, tok, world, micro):
     indices = data.global_batch(0, len(train_set), cfg.batch_size, cfg.seed)
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id, ref_cache=None,
                        batch=[train_set[i] for i in indices])
-    out, bn = {}, 1 + negatives.KINDS.index("bn")
+    out = {}
     for rank in range(world):
         for m, chunk in enumerate(data.micro_batches(indices, rank, world, micro)):
-            ids, mask, valid, kinds = train.cpo_batch(cfg, policy, ref, [train_set[i] for i in chunk], rt)
+            ids, mask, valid, _ = train.cpo_batch(cfg, policy, ref, [train_set[i] for i in chunk], rt)
             first = (rank * len(data.micro_batches(indices, rank, world, micro)) + m) * micro
-            for b in range(len(chunk)):
-                out[first + b] = [ids[b, k][mask[b, k]].tolist() for k in range(ids.shape[1]) if kinds[b, k] == bn and valid[b, k]]
+            for b in range(len(chunk)):  # cfg.negatives is "bn:N", unranked: columns 1..N are BN
+                out[first + b] = [ids[b, k][mask[b, k]].tolist() for k in range(1, ids.shape[1]) if valid[b, k]]
     return out
 
 
@@ -248,8 +248,9 @@ def perturbed(model, seed):
 
 
 def mn_columns(cfg, policy, ref, examples, rt):
-    ids, mask, valid, kinds = train.cpo_batch(cfg, policy, ref, examples, rt)
-    return ids[kinds == 1 + negatives.KINDS.index("mn")]
+    """The MN negatives of a batch whose spec begins with mn:3, unranked (columns 1..3)."""
+    ids, mask, valid, _ = train.cpo_batch(cfg, policy, ref, examples, rt)
+    return ids[:, 1:4]
 
 
 def test_mn_samples_from_the_current_policy_and_the_ref_option_works(tmp_path):
@@ -271,11 +272,11 @@ def test_mn_samples_from_the_current_policy_and_the_ref_option_works(tmp_path):
     perturbed(ref, 4)
     assert not torch.equal(mn_columns(as_ref, policy, ref, examples, rt), from_ref)
     # policy samples are never cached (new every step); pi_ref samples are, once per distinct sequence
-    train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))
-    assert len(rt.ref_cache) <= 2 * len(examples)  # ground truths and TN only
-    rt.ref_cache = {}
-    train.cpo_objective(as_ref, policy, ref, examples, rt, (0, 0))
-    assert len(rt.ref_cache) > 2 * len(examples)
+    train.cpo_objective(cfg, policy, ref, examples, rt)
+    assert len(rt.ref_cache.entries) <= len(examples)  # the ground truths only: negatives are drawn afresh
+    rt.ref_cache = train.scoring.ReferenceCache()
+    train.cpo_objective(replace(as_ref, fixed_negatives=True), policy, ref, examples, rt)
+    assert len(rt.ref_cache.entries) > 2 * len(examples)  # fixed negatives from pi_ref come back: cached
     train.train(replace(as_ref, steps=1, ckpt_interval=0, out_dir=str(tmp_path)))  # a run with --mn_model=ref
 
 # ----------------------------------------------------------------------------- every README command parses

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-import negatives
+import scoring
 import train
 from model import ModelConfig, Transformer
 from test_train import CPO, TINY, assert_weights_close, run, tiny_config, weights
@@ -39,7 +39,7 @@ def test_shared_prompt_logps_equal_the_naive_path(family):
     model = stand_in(family)
     ids, mask = ragged_batch()
     B, K, T = ids.shape
-    shared = train.shared_prompt_logps(model, ids, mask)  # (B, K)
+    shared = scoring.shared_prompt_logps(model, ids, mask)  # (B, K)
     naive = train.sequence_logps(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
     assert (shared - naive).abs().max() <= 1e-4
 
@@ -52,7 +52,7 @@ def test_shared_prompt_gradients_equal_the_naive_path(family):
     B, K, T = ids.shape
     weight = torch.randn(B, K, generator=torch.Generator().manual_seed(2))  # any loss of the (B, K) log-probs
     grads = []
-    for logps in (lambda: train.shared_prompt_logps(model, ids, mask),
+    for logps in (lambda: scoring.shared_prompt_logps(model, ids, mask),
                   lambda: train.sequence_logps(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)):
         grads.append(torch.autograd.grad((weight * logps()).sum(), list(model.parameters())))
     for (name, _), a, b in zip(model.named_parameters(), *grads):
@@ -61,7 +61,7 @@ def test_shared_prompt_gradients_equal_the_naive_path(family):
 
 def test_split_prompts_left_pads_prompts_and_right_pads_continuations():
     ids, mask = ragged_batch(B=2, K=2, seed=3)
-    prompt, prompt_mask, cont, cont_mask, n_prompt = negatives.split_prompts(ids, mask)
+    prompt, prompt_mask, cont, cont_mask, n_prompt = scoring.split_prompts(ids, mask)
     for b in range(2):
         P = int(n_prompt[b])
         assert prompt_mask[b].tolist() == [0] * (prompt.shape[1] - P) + [1] * P
@@ -69,20 +69,21 @@ def test_split_prompts_left_pads_prompts_and_right_pads_continuations():
         for k in range(2):
             assert cont[b, k][cont_mask[b, k]].tolist() == ids[b, k][mask[b, k]].tolist()
     with pytest.raises(ValueError, match="share one prompt"):
-        negatives.split_prompts(ids.flip(0).view(1, 4, -1), mask.flip(0).view(1, 4, -1))
+        scoring.split_prompts(ids.flip(0).view(1, 4, -1), mask.flip(0).view(1, 4, -1))
 
 
 def cpo_grads(cfg, policy, ref, tok, examples, shared):
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=shared)
     policy.zero_grad()
-    loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))
+    loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, rt)
     (loss_sum / len(examples)).backward()
-    return {n: p.grad.clone() for n, p in policy.named_parameters()}, rt.ref_cache
+    return {n: p.grad.clone() for n, p in policy.named_parameters()}, rt.ref_cache.entries
 
 
 @pytest.mark.parametrize("ranked", [False, True])  # eq. (1), eq. (2)
 def test_cpo_step_gradients_equal_the_naive_step(ranked):
-    cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:2", ranked=ranked, beta=5.0)
+    # fixed negatives: BN and TN come back, so the reference cache holds more than the ground truths
+    cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:2", ranked=ranked, beta=5.0, fixed_negatives=True)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
     with torch.no_grad():  # make the policy differ from the reference, so the rewards are not all 0
@@ -99,16 +100,24 @@ def test_cpo_step_gradients_equal_the_naive_step(ranked):
     assert max(abs(shared_cache[k] - naive_cache[k]) for k in naive_cache) <= 1e-4
 
 
-def test_reference_cache_is_read_by_the_shared_path():
+def test_reference_cache_scores_only_the_groups_it_cannot_answer():
     model = stand_in("gpt2")
     ids, mask = ragged_batch(seed=4)
-    keys = train.sequence_keys(ids.flatten(0, 1), mask.flatten(0, 1))
-    cache = {k: float(i) for i, k in enumerate(keys)}  # stand-in values: a cached sequence is never rescored
-    cache.pop(keys[5])  # example 1 has one uncached sequence: it is scored, the rest read back
-    out = train.reference_logps(model, ids, mask, cache, torch.device("cpu"), torch.autocast("cpu", enabled=False))
-    naive = train.sequence_logps(model, ids[1, 1:2], mask[1, 1:2])
-    assert out.shape == ids.shape[:2] and abs(out[1, 1] - naive[0]) <= 1e-4
-    assert [out.flatten()[i].item() for i in range(len(keys)) if i != 5] == [float(i) for i in range(len(keys)) if i != 5]
+    B, K, T = ids.shape
+    keys = scoring.sequence_keys(ids.flatten(0, 1), mask.flatten(0, 1))
+    cache = scoring.ReferenceCache({k: float(i) for i, k in enumerate(keys)})  # stand-ins: never rescored
+    del cache.entries[keys[5]]  # example 1 has one uncached sequence: its group is scored, the rest read back
+    cacheable = torch.ones(B, K, dtype=torch.bool)
+    cacheable[2, 0] = False  # not cacheable: example 2's group is scored, and nothing of it stored
+    rt = train.Runtime(device=torch.device("cpu"), ref_cache=cache)
+    out = train.reference_logps(model, ids, mask, cacheable, rt)
+    naive = train.sequence_logps(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
+    assert out.shape == (B, K)
+    assert (out[1:3] - naive[1:3]).abs().max() <= 1e-4  # the two scored groups
+    others = [b for b in range(B) if b not in (1, 2)]
+    assert out[others].flatten().tolist() == [float(b * K + k) for b in others for k in range(K)]
+    assert abs(cache.entries[keys[5]] - naive[1, 1].item()) <= 1e-4  # stored now
+    assert cache.entries[keys[2 * K]] == float(2 * K)  # the uncacheable one: its old value left alone
 
 
 def test_bf16_autocast_shared_prompt_close_to_naive():
@@ -116,9 +125,9 @@ def test_bf16_autocast_shared_prompt_close_to_naive():
     ids, mask = ragged_batch(seed=5)
     B, K, T = ids.shape
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        shared = train.shared_prompt_logps(model, ids, mask)
+        shared = scoring.shared_prompt_logps(model, ids, mask)
         naive = train.sequence_logps(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(B, K)
-    exact = train.shared_prompt_logps(model, ids, mask)
+    exact = scoring.shared_prompt_logps(model, ids, mask)
     assert shared.dtype == torch.float32 and torch.isfinite(shared).all()
     # bf16 has 8 bits of mantissa: both paths land as near the float32 numbers as each other
     assert (shared - exact).abs().max() <= 2 * (naive - exact).abs().max() + 0.05

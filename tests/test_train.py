@@ -124,14 +124,14 @@ def test_cpo_step_gradient_matches_hand_written_formula(ranked, shared_prompt):
             p.add_(0.02 * torch.randn_like(p))
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=shared_prompt)
-    loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))
+    loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, rt)
     (loss_sum / len(examples)).backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
 
-    ids, mask, valid = negatives.build_cpo_batch(examples, cfg.negatives, ref, pad_id=tok.pad_id, eos_id=tok.eos_id,
-                                                 generator=torch.Generator().manual_seed(cfg.seed), ranked=ranked,
-                                                 mn_model=policy)  # MN from pi_theta (train's default)
+    ids, mask, valid, _ = negatives.build_cpo_batch(examples, cfg.negatives, ref, pad_id=tok.pad_id,
+                                                    eos_id=tok.eos_id, generator=train.negatives_generator(cfg, 0),
+                                                    ranked=ranked, mn_model=policy)  # MN from pi_theta, as train
     B, K, _ = ids.shape
     total = 0
     for b in range(B):
@@ -196,8 +196,8 @@ def test_cpo_example_without_valid_negative_sits_out_the_step():
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    with_bare, _ = train.cpo_objective(cfg, policy, ref, [bare] + examples, rt, (0, 0))
-    without, _ = train.cpo_objective(cfg, policy, ref, examples, rt, (0, 0))
+    with_bare, _ = train.cpo_objective(cfg, policy, ref, [bare] + examples, rt)
+    without, _ = train.cpo_objective(cfg, policy, ref, examples, rt)
     torch.testing.assert_close(with_bare, without)
-    alone, _ = train.cpo_objective(cfg, policy, ref, [bare], rt, (0, 0))
+    alone, _ = train.cpo_objective(cfg, policy, ref, [bare], rt)
     assert alone.item() == 0.0

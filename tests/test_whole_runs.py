@@ -99,9 +99,10 @@ def test_fsdp_an_run_killed_in_epoch_two_resumes_bit_identical(start, two_ranks)
 
 def step_negatives(examples, step, cfg, model):
     """{example id: its (K, T) ids} of a CPO batch made as train.cpo_batch makes it at `step`."""
-    ids, mask, valid = negatives.build_cpo_batch(examples, cfg.negatives, model, pad_id=0, eos_id=model.config.eos_id,
-                                                 generator=train.negatives_generator(cfg, step), allow_fewer=True,
-                                                 bn_pool=[e.continuation_ids for e in examples])
+    ids, mask, valid, _ = negatives.build_cpo_batch(
+        examples, cfg.negatives, model, pad_id=0, eos_id=model.config.eos_id,
+        generator=train.negatives_generator(cfg, step), allow_fewer=True,
+        bn_pool=[e.continuation_ids for e in examples])
     return {e.id: [row[m].tolist() for row, m in zip(ids[i], mask[i])] for i, e in enumerate(examples)}
 
 
@@ -141,7 +142,7 @@ def test_a_steps_negatives_are_the_same_for_any_world_size_and_micro_batch(tiny_
             got = {}
             for rank in range(world):
                 for chunk in data.micro_batches(indices, rank, world, micro):
-                    ids, mask, valid = negatives.build_cpo_batch(
+                    ids, mask, valid, _ = negatives.build_cpo_batch(
                         [examples[i] for i in chunk], cfg.negatives, model, pad_id=0, eos_id=tok.eos_id,
                         generator=train.negatives_generator(cfg, step), allow_fewer=True,
                         bn_pool=[e.continuation_ids for e in batch])
