@@ -401,7 +401,7 @@ def correct_stop(gen, ref, eos_id):
 
 
 def score_synthetic(gen_ids, ref_ids, eos_id):
-    """Means over a batch. gen_ids: (B, max_new_tokens) Long from model.generate, or lists; ref_ids: the
+    """Means over a batch. gen_ids: (B, max_new_tokens) Long from decoding.generate, or lists; ref_ids: the
     examples' continuation_ids. token_accuracy: share of reference positions (EOS included) generated
     right."""
     gens = gen_ids.tolist() if torch.is_tensor(gen_ids) else [list(g) for g in gen_ids]

@@ -54,7 +54,7 @@ def generate(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0
     else:
         check_left_padded(attention_mask)
     S = T + max_new_tokens
-    model._check_length(S)
+    model.check_length(S)
     pos, mask = positions_and_mask(attention_mask, S)                  # (B, S), (B, 1, S, S)
     if num_beams > 1:
         return beam_search(model, idx, pos, mask, max_new_tokens, num_beams, length_penalty, eos_id, pad_id)

@@ -283,7 +283,7 @@ class Transformer(nn.Module):
         if continuations is not None:
             return self.forward_shared_prompt(idx, attention_mask, continuations)
         B, T = idx.shape
-        self._check_length(T)
+        self.check_length(T)
         if attention_mask is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None  # mask None: SDPA's fast causal path
         else:
@@ -331,7 +331,7 @@ class Transformer(nn.Module):
                 x = block(x, rope, mask, cache[i] if cache else None, start)
         return self.norm_f(x)
 
-    def _check_length(self, T):  # past the position table, nn.Embedding's IndexError says nothing useful
+    def check_length(self, T):  # past the position table, nn.Embedding's IndexError says nothing useful
         if self.pos_emb is not None and T > self.config.max_seq_len:
             raise ValueError(f"{T} tokens is more than the model's {self.config.max_seq_len} positions")
 

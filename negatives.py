@@ -10,13 +10,14 @@ and an offline tool that precomputes the expensive autoregressive ones.
 BN and TN need no model: they are pure functions in cpo.py (cpo.batch_negatives, cpo.truncation_negatives).
 
 Every continuation (ground truth or negative) ends with exactly one EOS, as data.py makes them.
-In one CPO step, train.py calls build_cpo_batch: it returns the (B, K, T) batch the model then scores.
+In one CPO step, train.cpo_objective calls build_cpo_batch: the (B, K, T) batch the model then scores.
 
 Offline AN cache (write_an_negatives), read back with load_an_cache(dir) -> {example id: [continuation ids]}.
 Shards are written atomically; a rerun skips finished ones (resume after a crash, or --max-shards N
 to time-box a job); torchrun splits the shards over ranks with the same result as one process:
     python negatives.py --model out/sft --data dolly --split train --spec an:11 --out out/an
-    torchrun --standalone --nproc_per_node=8 negatives.py --model out/sft --data dolly --spec an:11 --out out/an
+    torchrun --standalone --nproc_per_node=8 negatives.py --model out/sft --data dolly --spec an:11 \
+        --out out/an
 """
 import argparse
 import glob
@@ -49,9 +50,11 @@ def parse_spec(spec):
         kind, sep, count = part.strip().partition(":")
         kind = kind.strip().lower()
         if kind not in KINDS:
-            raise ValueError(f"unknown negative kind {kind!r} in spec {spec!r}; choose from {', '.join(KINDS)}")
+            raise ValueError(f"unknown negative kind {kind!r} in spec {spec!r}; "
+                             f"choose from {', '.join(KINDS)}")
         if not sep or not count.strip().isdigit() or int(count) < 1:
-            raise ValueError(f"bad count in {part.strip()!r} of spec {spec!r}; expected '{kind}:N' with N >= 1")
+            raise ValueError(f"bad count in {part.strip()!r} of spec {spec!r}; "
+                             f"expected '{kind}:N' with N >= 1")
         if kind in (k for k, _ in out):
             raise ValueError(f"negative kind {kind!r} appears twice in spec {spec!r}")
         out.append((kind, int(count)))
@@ -101,7 +104,7 @@ def end_with_eos(new_tokens, eos_id):
 
 def autoregressive_negatives(model, prompt_ids, n, top_k=50, max_new_tokens=128, eos_id=None,
                              generator=None, temperature=1.0, batch_size=None):
-    """AN: n continuations per prompt by top-k sampling with the KV cache (model.generate). Prompts of
+    """AN: n continuations per prompt by top-k sampling with the KV cache (decoding.generate). Prompts of
     different lengths share a batch through left padding. Returns, per prompt, n lists of ids, each
     ending with exactly one EOS (see end_with_eos for rows that hit max_new_tokens).
     batch_size: sequences per generate call (None = all prompt_ids * n at once). The generator is
@@ -130,7 +133,7 @@ def autoregressive_negatives(model, prompt_ids, n, top_k=50, max_new_tokens=128,
 def bn_shortfall(continuations, n):
     """BN columns a batch leaves invalid: for each row, how many of its n negatives are missing because the
     batch holds fewer than n distinct continuations other than its own (repeated examples or answers)."""
-    others = len(set(tuple(c) for c in continuations)) - 1  # every row's own answer is among the distinct ones
+    others = len(set(tuple(c) for c in continuations)) - 1  # each row's own answer is one of the distinct
     return len(continuations) * max(0, n - others)
 
 
@@ -165,7 +168,8 @@ def meanfield_negatives(model, input_ids, cont_mask, n, fraction=0.15, generator
             m = math.ceil(fraction * len(pos))
             if m == 0:
                 continue
-            pick = torch.stack([pos[torch.randperm(len(pos), generator=gens[i])[:m]] for _ in range(n)])  # (n, m)
+            draws = [pos[torch.randperm(len(pos), generator=gens[i])[:m]] for _ in range(n)]
+            pick = torch.stack(draws)  # (n, m): the positions each negative resamples
             logits = model.lm_head(hidden[i, (pick - 1).to(device)]).float()  # (n, m, V): predicts pick
             if eos_id is not None:
                 logits[..., eos_id] = float("-inf")
@@ -239,7 +243,8 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
             negs = [cpo.truncation_negatives(gt, n, eos_id, g) for gt, g in zip(gts, gens)]
         else:  # mn
             ids, mask = pad_right([ex.prompt_ids for ex in examples], gts, pad_id)
-            out = meanfield_negatives(mn_model or model, ids, mask, n, fraction, gens, eos_id=eos_id)  # (B, n, T)
+            out = meanfield_negatives(mn_model or model, ids, mask, n, fraction, gens,
+                                      eos_id=eos_id)  # (B, n, T)
             negs = [[out[i, j][mask[i]].tolist() for j in range(n)] for i in range(len(examples))]
         for row, neg in zip(rows, negs):
             row += neg + [None] * (n - len(neg))
@@ -282,8 +287,9 @@ def load_an_cache(out_dir):
         meta = json.load(f)
     missing = [i for i in range(meta["num_shards"]) if not os.path.exists(shard_path(out_dir, i))]
     if missing:
-        raise ValueError(f"{out_dir}: {len(missing)} of {meta['num_shards']} shards missing (e.g. "
-                         f"{os.path.basename(shard_path(out_dir, missing[0]))}); rerun the tool to finish them")
+        example = os.path.basename(shard_path(out_dir, missing[0]))
+        raise ValueError(f"{out_dir}: {len(missing)} of {meta['num_shards']} shards missing "
+                         f"(e.g. {example}); rerun the tool to finish them")
     cache = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "shard-*.jsonl"))):
         cache.update((row["id"], row["negatives"]) for row in read_jsonl(path))
@@ -291,8 +297,8 @@ def load_an_cache(out_dir):
 
 
 def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_tokens=256, top_k=50,
-                       batch_size=64, shard_size=256, seed=0, max_len=None, limit=None, max_shards=None, device=None,
-                       temperature=1.0):
+                       batch_size=64, shard_size=256, seed=0, max_len=None, limit=None, max_shards=None,
+                       device=None, temperature=1.0):
     """Sample AN negatives from `model` (an HF folder or hub name: the reference model) for the examples of
     data.load_task(data, split) into out/: meta.json + shard-NNNNN.jsonl of {id, negatives: [[ids...], ...]}.
     Shards already written are skipped (a rerun resumes; max_shards time-boxes one run); under torchrun
@@ -315,8 +321,9 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
     # the settings that decide the output; a rerun with other settings must not mix into these shards
     meta = dict(model=model, data=data, split=split, spec=spec, seed=seed, max_new_tokens=max_new_tokens,
                 top_k=top_k, batch_size=batch_size, shard_size=shard_size, max_len=max_len, limit=limit,
-                num_examples=len(examples), num_shards=num_shards,
-                **({"temperature": temperature} if temperature != 1.0 else {}))  # absent at 1: older caches still match
+                num_examples=len(examples), num_shards=num_shards)
+    if temperature != 1.0:  # absent at 1: older caches still match
+        meta["temperature"] = temperature
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
@@ -339,8 +346,8 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
         negs = autoregressive_negatives(net, [ex.prompt_ids for ex in shard], n, top_k=top_k,
                                         max_new_tokens=max_new_tokens, eos_id=eos_id, generator=g,
                                         temperature=temperature, batch_size=batch_size)
-        write_atomic(shard_path(out, i),
-                     "".join(json.dumps({"id": ex.id, "negatives": ng}) + "\n" for ex, ng in zip(shard, negs)))
+        rows = [json.dumps({"id": ex.id, "negatives": ng}) + "\n" for ex, ng in zip(shard, negs)]
+        write_atomic(shard_path(out, i), "".join(rows))
         done += len(shard)
         rate = done / (time.time() - t0)
         left = sum(len(examples[k * shard_size:(k + 1) * shard_size]) for k in todo[j + 1:])
@@ -350,22 +357,29 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Precompute autoregressive (AN) negatives into jsonl shards "
-                                "{id, negatives: [[ids...], ...]}. Rerun to resume; torchrun to split shards.")
-    p.add_argument("--model", required=True, help="HF model folder (or hub name) to sample from: the reference model")
-    p.add_argument("--data", required=True, help="task for data.load_task: synthetic | dolly[:src] | wiki:<src> | jsonl:<src>")
+                                "{id, negatives: [[ids...], ...]}. Rerun to resume; torchrun to split "
+                                "shards.")
+    p.add_argument("--model", required=True,
+                   help="HF model folder (or hub name) to sample from: the reference model")
+    p.add_argument("--data", required=True,
+                   help="task for data.load_task: synthetic | dolly[:src] | wiki:<src> | jsonl:<src>")
     p.add_argument("--split", default="train", help="split of the task (default train)")
     p.add_argument("--spec", default="an:11", help="negatives per example, must be an:N (default an:11)")
     p.add_argument("--out", required=True, help="output folder: meta.json + shard-NNNNN.jsonl")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest sample incl. its EOS (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest sample incl. its EOS (default 256)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default 50, the paper's)")
     p.add_argument("--temperature", type=number(float, 0, strict=True), default=1.0,
-                   help="sampling temperature, > 0 (default 1, the paper's; lower: likelier, harder negatives)")
+                   help="sampling temperature, > 0 (default 1, the paper's; lower: likelier, harder "
+                        "negatives)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
     p.add_argument("--shard-size", type=int, default=256, help="examples per shard file (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (each shard's stream is hashed from (seed, "
-                   "shard)); also the synthetic task's seed, as train.py's --seed: use the same value")
-    p.add_argument("--max-len", type=int, default=None, help="data.load_task max_len, as train.py's "
-                   "(default: the max_len the model was trained with, from its nanocpo.json, else its context)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed (each shard's stream is hashed from (seed, shard)); also the "
+                        "synthetic task's seed, as train.py's --seed: use the same value")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="data.load_task max_len, as train.py's (default: the max_len the model was trained "
+                        "with, from its nanocpo.json, else its context)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of the split")
     p.add_argument("--max-shards", type=int, default=None, help="stop after writing N shards in this run "
                    "(a time-boxed job; rerun to go on)")
@@ -376,9 +390,9 @@ def main(argv=None):
         cuda = (args.device or "cuda").startswith("cuda") and torch.cuda.is_available()
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     try:
-        write_an_negatives(args.model, args.data, args.out, args.split, args.spec, args.max_new_tokens, args.top_k,
-                           args.batch_size, args.shard_size, args.seed, args.max_len, args.limit, args.max_shards,
-                           args.device, args.temperature)
+        write_an_negatives(args.model, args.data, args.out, args.split, args.spec, args.max_new_tokens,
+                           args.top_k, args.batch_size, args.shard_size, args.seed, args.max_len, args.limit,
+                           args.max_shards, args.device, args.temperature)
     except ValueError as e:  # bad settings: one line that says what, not a traceback
         raise SystemExit(f"negatives.py: {e}") from None
     if world > 1:

@@ -54,7 +54,7 @@ def shared_prompt_logps(model, ids, mask, device=None):
     prompt, prompt_mask, cont, cont_mask = (x.to(device) for x in (prompt, prompt_mask, cont, cont_mask))
     net = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     net = getattr(net, "module", net)  # DDP's
-    net._check_length(T - 1)  # the plain path's rows; past them forward_shared_prompt sees only padding
+    net.check_length(T - 1)  # the plain path's rows; past them forward_shared_prompt sees only padding
     h_p, h_c = model(prompt, return_hidden=True, attention_mask=prompt_mask, continuations=cont)
     # h_p (B, P, C), h_c (B, K, S, C). The prompt's last hidden state predicts each continuation's first
     # token; h_c[:, :, s] predicts token s + 1 of its continuation.
