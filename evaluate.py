@@ -56,6 +56,7 @@ import tokenizer
 from charts import svg_chart
 from common import (end_torn_line, log, number, read_jsonl, refuse_same_paths, text_field, write_atomic,
                     write_folder_atomic, write_jsonl_atomic)
+from model import resolve_device
 
 
 # ----------------------------------------------------------------------------- generate
@@ -419,7 +420,7 @@ def add_generate_flags(sp):
                     help="> 1: beam search (sampling flags ignored)")
     sp.add_argument("--length-penalty", type=float, default=1.0,
                     help="beam score = log-prob sum / length ** this")
-    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    sp.add_argument("--device", default=resolve_device("auto"),
                     help="e.g. cpu, cuda:1")
     sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weights dtype; auto = the checkpoint's")

@@ -14,6 +14,7 @@ A decoding step needs three things from here: positions_and_mask (a row's positi
 its prompt and every token to come), Transformer.new_kv_cache and Transformer.next_logits.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -358,8 +359,9 @@ def _retie_after_load(model, incompatible_keys):
         incompatible_keys.missing_keys.remove("lm_head.weight")  # it is tok_emb.weight
 
 
-def resolve_device(name):
-    """A --device setting -> a device name: "auto" is cuda when there is a GPU, else cpu."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(name="auto"):
+    """A --device setting -> a device name: "auto" (or None) is this process's GPU when there is one
+    (cuda:LOCAL_RANK under torchrun), else cpu. The one place train.py, negatives.py and evaluate.py ask."""
+    if name in (None, "auto"):
+        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     return name

@@ -36,6 +36,7 @@ from common import cut_at_eos, number, read_jsonl, write_atomic
 from data import load_task, pad_right
 from decoding import generate, left_pad
 from hf import load, window_len
+from model import resolve_device
 
 KINDS = ("an", "bn", "mn", "tn")
 
@@ -311,7 +312,7 @@ def write_an_negatives(model, data, out, split="train", spec="an:11", max_new_to
     if kind != "an" or rest:
         raise ValueError(f"spec must be an:N (bn/mn/tn are made on the fly in training), got {spec!r}")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     net, tokenizer = load(model, device=device)
     assert tokenizer is not None, f"{model} has no tokenizer files"
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else net.config.eos_id
@@ -387,7 +388,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        cuda = (args.device or "cuda").startswith("cuda") and torch.cuda.is_available()
+        cuda = resolve_device(args.device).startswith("cuda")
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     try:
         write_an_negatives(args.model, args.data, args.out, args.split, args.spec, args.max_new_tokens,
