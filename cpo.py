@@ -104,7 +104,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     if pc.dim() != 1 or not pc.shape == pr.shape == rc.shape == rr.shape:
         shapes = [tuple(t.shape) for t in (pc, pr, rc, rr)]
         raise ValueError(f"dpo_loss needs four (B,) tensors; got {shapes}")
-    logits = (pc - pr) - (rc - rr)  # (r(y_w) - r(y_l)) / beta
+    logits = (pc - rc) - (pr - rr)  # (r(y_w) - r(y_l)) / beta: the implicit rewards' difference
     losses = -F.logsigmoid(beta * logits)  # eq. (7) of the DPO paper
     return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
