@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 import data
 import train
-from test_train import hand_logp, tiny_config
+from test_train import hand_logp
 
 
-def tiny_setup(objective, **overrides):
-    cfg = tiny_config(objective=objective, **overrides)
+def tiny_setup(cfg):
+    """The tiny run's policy, tokenizer, 4 synthetic examples and runtime, after its config."""
     policy, tok = train.build_model(cfg)
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id)
@@ -36,12 +36,10 @@ def write_rejected(path, rows):
     return str(path)
 
 
-def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
-    cfg, policy, tok, examples, rt = tiny_setup("dpo", beta=0.5)
+def test_dpo_step_gradient_matches_bradley_terry(tmp_path, tiny_config, perturb):
+    cfg, policy, tok, examples, rt = tiny_setup(tiny_config(objective="dpo", beta=0.5))
     ref = train.frozen_copy(policy)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(policy)
     rows = [{"id": e.id, "rejected": e.response[::-1] + "x"} for e in examples]
     path = write_rejected(tmp_path / "rejected.jsonl", rows)
     rt.rejected = data.load_rejected(path, examples, tok, cfg.max_len)
@@ -61,8 +59,8 @@ def test_dpo_step_gradient_matches_bradley_terry(tmp_path):
     assert_grads_close(ours, grads(policy))
 
 
-def test_rejected_file_errors_name_file_and_line(tmp_path):
-    cfg, policy, tok, examples, rt = tiny_setup("dpo")
+def test_rejected_file_errors_name_file_and_line(tmp_path, tiny_config):
+    cfg, policy, tok, examples, rt = tiny_setup(tiny_config(objective="dpo"))
     rows = [{"id": examples[0].id, "rejected": "x"}, {"id": examples[1].id}]
     bad = write_rejected(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing field 'rejected'"):
@@ -78,8 +76,8 @@ def test_rejected_file_errors_name_file_and_line(tmp_path):
 
 # ----------------------------------------------------------------------------- PSS
 
-def test_pss_with_p0_is_exactly_an_mle_step():
-    cfg, policy, tok, examples, rt = tiny_setup("pss", pss_p=0.0, pss_samples=3)
+def test_pss_with_p0_is_exactly_an_mle_step(tiny_config):
+    cfg, policy, tok, examples, rt = tiny_setup(tiny_config(objective="pss", pss_p=0.0, pss_samples=3))
     tokens = sum(len(e.continuation_ids) for e in examples)
     pss_loss, _ = train.pss_objective(cfg, policy, None, examples, rt)
     (pss_loss / (cfg.pss_samples * tokens)).backward()
@@ -90,10 +88,10 @@ def test_pss_with_p0_is_exactly_an_mle_step():
     assert_grads_close(pss, grads(policy))
 
 
-def test_pss_with_p1_feeds_samples_and_trains_on_the_truth(monkeypatch):
+def test_pss_with_p1_feeds_samples_and_trains_on_the_truth(monkeypatch, tiny_config):
     """p = 1: every continuation input token is the first pass's sample (here forced to token 7), the
     prompt is untouched, and the loss is the ground truth's NLL given those mixed inputs, nothing else."""
-    cfg, policy, tok, examples, rt = tiny_setup("pss", pss_p=1.0, pss_samples=2)
+    cfg, policy, tok, examples, rt = tiny_setup(tiny_config(objective="pss", pss_p=1.0, pss_samples=2))
     monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: torch.full((len(probs), n), 7))
     seen = []
     policy.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))

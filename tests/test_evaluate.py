@@ -17,7 +17,8 @@ from common import read_jsonl
 
 
 # ----------------------------------------------------------------------------- generate, interpolate, report
-def tiny_config(**overrides):
+def tiny_model_config(**overrides):
+    """The ModelConfig of a tiny GPT-2 on the byte tokenizer."""
     tiny = dict(model_type="gpt2", vocab_size=257, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, n_inner=64,
                 max_seq_len=64, bos_id=None, eos_id=256)
     return model.ModelConfig(**{**tiny, **overrides})
@@ -25,7 +26,8 @@ def tiny_config(**overrides):
 
 def save_tiny(path, seed, **overrides):
     torch.manual_seed(seed)
-    hf.save_pretrained(model.Transformer(tiny_config(**overrides)), str(path), tokenizer.byte_tokenizer())
+    net = model.Transformer(tiny_model_config(**overrides))
+    hf.save_pretrained(net, str(path), tokenizer.byte_tokenizer())
     return str(path)
 
 
@@ -53,7 +55,7 @@ def test_interpolate_endpoints_are_exact(tiny_pair, tmp_path):
     for k in a:
         torch.testing.assert_close(mid[k], 0.3 * a[k] + 0.7 * b[k], rtol=0, atol=1e-6)
     net, tok = hf.load(str(tmp_path / "ens" / "alpha_0.3"))  # a loadable HF folder, tokenizer included
-    assert tok is not None and net.config == tiny_config()
+    assert tok is not None and net.config == tiny_model_config()
     with open(tmp_path / "ens" / "alpha_0.3" / "interpolation.json") as f:
         assert json.load(f)["alpha"] == 0.3
 

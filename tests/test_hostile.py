@@ -21,13 +21,15 @@ from model import ModelConfig, Transformer
 from tokenizer import byte_tokenizer
 
 SINGLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_run_preset.py")
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--max_len=32", "--n_train=64", "--n_val=8",
-        "--batch_size=4", "--micro_batch_size=2", "--lr=1e-3", "--log_interval=1", "--eval_interval=0",
-        "--device=cpu"]
+# a one-layer run, smaller than test_train.TINY's
+ONE_LAYER = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--max_len=32", "--n_train=64", "--n_val=8",
+             "--batch_size=4", "--micro_batch_size=2", "--lr=1e-3", "--log_interval=1", "--eval_interval=0",
+             "--device=cpu"]
 
 
-def tiny_config(**overrides):
-    _, flags = train.parse_args(TINY)
+def one_layer_config(**overrides):
+    """The train.Config of the ONE_LAYER run, with `overrides` replaced."""
+    _, flags = train.parse_args(ONE_LAYER)
     return replace(train.Config(**flags), **overrides)
 
 
@@ -114,7 +116,7 @@ def test_only_exact_checkpoint_names_are_rotated_or_resumed(tmp_path):
     (out / "ckpt-0000001-mybackup").mkdir(parents=True)
     (out / "ckpt-0000001-mybackup" / "notes").write_text("mine")
     (out / "ckpt-notes.txt").write_text("mine too")
-    cfg = tiny_config(steps=3, ckpt_interval=1, keep_last=1, out_dir=str(out))
+    cfg = one_layer_config(steps=3, ckpt_interval=1, keep_last=1, out_dir=str(out))
     train.train(cfg)
     assert (out / "ckpt-0000001-mybackup" / "notes").read_text() == "mine"
     assert (out / "ckpt-notes.txt").read_text() == "mine too"
@@ -125,7 +127,7 @@ def test_only_exact_checkpoint_names_are_rotated_or_resumed(tmp_path):
 
 # ----------------------------------------------------------------------------- 5: --resume refuses other math
 def test_resume_refuses_changed_settings(tmp_path, capsys):
-    cfg = tiny_config(steps=2, out_dir=str(tmp_path / "run"))
+    cfg = one_layer_config(steps=2, out_dir=str(tmp_path / "run"))
     train.train(cfg)
     with pytest.raises(SystemExit) as e:
         train.train(replace(cfg, objective="cpo", negatives="bn:1", lr=2e-3, seed=1, steps=3, resume=True))
@@ -137,7 +139,7 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     # the safe ones
     train.train(replace(cfg, steps=3, log_interval=2, ckpt_interval=5, keep_last=3, resume=True))
     assert "resumed" in capsys.readouterr().out
-    cos = tiny_config(steps=2, schedule="cosine", out_dir=str(tmp_path / "cos"))
+    cos = one_layer_config(steps=2, schedule="cosine", out_dir=str(tmp_path / "cos"))
     train.train(cos)
     with pytest.raises(SystemExit, match="cosine"):  # the cosine's length is the run's steps: that is math
         train.train(replace(cos, steps=3, resume=True))
@@ -148,7 +150,7 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
 # ----------------------------------------------------------------------------- 6: a damaged newest checkpoint
 @pytest.mark.parametrize("damaged", ["trainer.pt", "model/model.safetensors"])
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
-    cfg = tiny_config(steps=4, ckpt_interval=2, keep_last=2, out_dir=str(tmp_path / "run"))
+    cfg = one_layer_config(steps=4, ckpt_interval=2, keep_last=2, out_dir=str(tmp_path / "run"))
     train.train(cfg)
     straight = hf.load(str(tmp_path / "run" / "final"))[0].state_dict()
     bad = tmp_path / "run" / "ckpt-0000004" / damaged
@@ -170,7 +172,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys, damaged):
 ])
 def test_train_refuses_bad_numbers(tmp_path, flag, words):
     with pytest.raises(SystemExit) as e:
-        train.main([SINGLE, *TINY, "--steps=2", f"--out_dir={tmp_path}/run", flag])
+        train.main([SINGLE, *ONE_LAYER, "--steps=2", f"--out_dir={tmp_path}/run", flag])
     assert "bad settings" in str(e.value) and words in str(e.value)
     assert not os.path.exists(tmp_path / "run")  # refused before anything was written
 
@@ -178,7 +180,8 @@ def test_train_refuses_bad_numbers(tmp_path, flag, words):
 def test_train_refuses_a_task_without_training_examples(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SystemExit, match="no training examples"):
-        train.train(tiny_config(steps=2, task=f"jsonl:{tmp_path}/empty.jsonl", out_dir=str(tmp_path / "run")))
+        cfg = one_layer_config(steps=2, task=f"jsonl:{tmp_path}/empty.jsonl", out_dir=str(tmp_path / "run"))
+        train.train(cfg)
 
 
 # ----------------------------------------------------------------------------- 10: broken model folders

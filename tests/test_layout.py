@@ -63,7 +63,8 @@ def test_the_project_imports_form_no_cycle():
 
 
 def test_no_project_import_inside_a_function():
-    inside = [f"{mod}.py: {'.'.join(funcs)} imports {dep}" for mod, found in IMPORTS.items() for dep, funcs in found
+    inside = [f"{mod}.py: {'.'.join(funcs)} imports {dep}"
+              for mod, found in IMPORTS.items() for dep, funcs in found
               if funcs and not set(funcs) & FRESH_PROCESS_WORKERS.get(mod + ".py", set())]
     assert not inside, "project imports belong at the top of the file:\n" + "\n".join(inside)
 

@@ -129,7 +129,8 @@ def test_meanfield_samples_follow_the_models_conditional(position):
     ids, mask = negatives.pad_right([ex.prompt_ids], [ex.continuation_ids], EOS)
     n = 4000
     out = meanfield_negatives(model, ids, mask, n, 1.0, torch.Generator().manual_seed(1))  # every position
-    logits = model(ids)[0, position - 1].detach().double()  # the conditional of token `position` given the true prefix
+    # the conditional of token `position` given the true prefix
+    logits = model(ids)[0, position - 1].detach().double()
     logits[EOS] = float("-inf")  # MN never draws EOS: renormalised without it
     expected = logits.softmax(-1) * n
     counts = torch.bincount(out[0, :, position], minlength=V).double()
@@ -221,7 +222,8 @@ def test_build_cpo_batch_ranked_and_cache():
     exs = random_examples(4, seed=5)
     cache = {e.id: [e.continuation_ids, [7, EOS], [8, 9, EOS]] for e in exs}  # first one == gt
     ids, mask, valid, cacheable = build_cpo_batch(exs, "an:3,tn:2", model, EOS, EOS,
-                                                  torch.Generator().manual_seed(0), an_cache=cache, ranked=True)
+                                                  torch.Generator().manual_seed(0), an_cache=cache,
+                                                  ranked=True)
     check_batch(exs, ids, mask, valid, K=6)
     # which log pi_ref may be cached: the truth and the cached AN, wherever ranking put them; TN, drawn afresh
     # each step, only with fixed negatives
@@ -230,8 +232,8 @@ def test_build_cpo_batch_ranked_and_cache():
         for k in range(6):
             if valid[b, k]:  # an invalid column holds a copy of the truth
                 assert bool(cacheable[b, k]) == (tuple(ids[b, k][mask[b, k]].tolist()) in comes_back)
-    fixed = build_cpo_batch(exs, "an:3,tn:2", model, EOS, EOS, torch.Generator().manual_seed(0), an_cache=cache,
-                            ranked=True, fixed_negatives=True)
+    fixed = build_cpo_batch(exs, "an:3,tn:2", model, EOS, EOS, torch.Generator().manual_seed(0),
+                            an_cache=cache, ranked=True, fixed_negatives=True)
     assert fixed[3].all()
     emb = negatives.mean_pooled_embedding(model, ids.flatten(0, 1), mask.flatten(0, 1)).view(4, 6, -1)
     for b in range(4):
@@ -292,7 +294,8 @@ def reference_sampler(model, prompts, max_new_tokens, top_k, generator):
 
 def test_an_top50_stops_at_eos_and_ends_with_one_eos():
     model, n, new = tiny_model(), 6, 12
-    out = autoregressive_negatives(model, PROMPTS, n, max_new_tokens=new, generator=torch.Generator().manual_seed(0))
+    out = autoregressive_negatives(model, PROMPTS, n, max_new_tokens=new,
+                                   generator=torch.Generator().manual_seed(0))
     assert [len(r) for r in out] == [n] * len(PROMPTS)
     lengths = []
     with torch.no_grad():
@@ -326,7 +329,8 @@ def test_an_generate_pads_after_eos_and_matches_no_cache_reference():
             assert all(x == TEOS for x in row[row.index(TEOS):])  # padded (pad_id = EOS) after its EOS
     assert 0 < stopped < len(prompts)
     # autoregressive_negatives is this generate, cut at EOS (or cut + EOS when it never came)
-    an = autoregressive_negatives(model, PROMPTS, 3, max_new_tokens=new, generator=torch.Generator().manual_seed(7))
+    an = autoregressive_negatives(model, PROMPTS, 3, max_new_tokens=new,
+                                  generator=torch.Generator().manual_seed(7))
     flat = [c for conts in an for c in conts]
     assert flat == [negatives.end_with_eos(row, TEOS) for row in out.tolist()]
 
@@ -362,7 +366,8 @@ def cli_setup(tmp_path_factory):
     hf.save_pretrained(tiny_model(dtype=torch.float32, vocab_size=257), str(tmp / "model"), byte_tokenizer())
     with open(tmp / "pairs.jsonl", "w") as f:
         for i in range(10):
-            f.write(json.dumps({"id": f"p{i}", "prompt": "ab" * (i % 4 + 1) + "=", "response": "xyz"[: i % 3 + 1]}) + "\n")
+            pair = {"id": f"p{i}", "prompt": "ab" * (i % 4 + 1) + "=", "response": "xyz"[: i % 3 + 1]}
+            f.write(json.dumps(pair) + "\n")
     return tmp
 
 
@@ -385,7 +390,8 @@ def run_tool(tmp, out, *extra, torchrun=False):
 
 
 def shard_files(d):
-    return {name: open(os.path.join(d, name)).read() for name in sorted(os.listdir(d)) if name.startswith("shard-") and name.endswith(".jsonl")}
+    shards = [name for name in sorted(os.listdir(d)) if name.startswith("shard-") and name.endswith(".jsonl")]
+    return {name: open(os.path.join(d, name)).read() for name in shards}
 
 
 def test_offline_tool_resumes_and_matches_uninterrupted_and_torchrun(cli_setup):

@@ -21,18 +21,18 @@ import model as modeling
 import negatives
 import train
 from preset_driver import SWAPPED, as_shipped, shipped
-from test_train import ROOT, tiny_config
+from test_train import ROOT
 from tokenizer import byte_tokenizer
 
-PRESETS = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "config")) if n.endswith(".py")
-                 and n not in ("paper.py", "default.py"))
+PRESETS = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "config"))
+                 if n.endswith(".py") and n not in ("paper.py", "default.py"))
 BN_PRESETS = [n for n in PRESETS if "bn" in shipped(n).negatives and shipped(n).objective == "cpo"]
 
-# ----------------------------------------------------------------------------- the presets say what the paper did
+# ------------------------------------------------------------------------- the presets say what the paper did
 
-# name: (steps, starting model, objective, negatives, ranked): §4 and Table 1 (GPT2-XL and OpenLlama-3B on Dolly),
-# Table 2 (MLE_1, ANR and AN 200 steps, the rest 1000), Figure 1 / §5.1 (MLE 1000 steps, then 4 negatives, ranked,
-# 200 steps), §5.2 (Wikipedia: MLE and BNR).
+# name: (steps, starting model, objective, negatives, ranked): §4 and Table 1 (GPT2-XL and OpenLlama-3B on
+# Dolly), Table 2 (MLE_1, ANR and AN 200 steps, the rest 1000), Figure 1 / §5.1 (MLE 1000 steps, then 4
+# negatives, ranked, 200 steps), §5.2 (Wikipedia: MLE and BNR).
 SFT, SFT1000 = "out/{}_sft/final", "out/dolly_llama3b_sft1000/final"
 PAPER = {
     "dolly_gpt2xl_sft": (2000, "gpt2-xl", "mle", None, None),
@@ -69,7 +69,8 @@ def test_every_run_of_the_paper_has_a_preset():
 def test_preset_is_the_papers_run(name):
     cfg = shipped(name)
     steps, start, objective, spec, ranked = PAPER[name]
-    assert (cfg.steps, cfg.init_from, cfg.objective) == (steps, start.format(name.rsplit("_", 1)[0]), objective)
+    family = name.rsplit("_", 1)[0]  # e.g. dolly_gpt2xl: its SFT run is out/dolly_gpt2xl_sft
+    assert (cfg.steps, cfg.init_from, cfg.objective) == (steps, start.format(family), objective)
     assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.beta) == (1e-5, 0.05, 64, 5.0)
     assert cfg.out_dir == f"out/{name}" and cfg.task.split(":")[0] == name.split("_")[0]
     if objective == "cpo":
@@ -90,31 +91,36 @@ def test_readme_table_lists_every_preset_with_its_steps_and_start():
         assert str(steps) in cells, f"{where}: steps {steps} not in {cells}"
         assert f"`{start.format(name.rsplit('_', 1)[0])}`" in row, f"{where}: start {start} missing"
 
-# ----------------------------------------------------------------------------- every preset, as shipped, one step
+# ------------------------------------------------------------------------- every preset, as shipped, one step
 
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
-    """Tiny models of each family (byte tokenizer), Dolly- and Wiki-format files, an AN cache per family and DPO
-    rejected responses: what the presets need, in miniature. 200 Dolly rows: over 64 distinct training answers."""
+    """Tiny models of each family (byte tokenizer), Dolly- and Wiki-format files, an AN cache per family
+    and DPO rejected responses: what the presets need, in miniature. 200 Dolly rows: over 64 distinct
+    training answers."""
     tmp = tmp_path_factory.mktemp("presets")
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    for family, cfg in {"gpt2": dict(model_type="gpt2"), "llama": dict(model_type="llama", n_kv_head=1)}.items():
-        config = modeling.ModelConfig(**{**dict(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=16,
-                                                 n_inner=32, max_seq_len=96, bos_id=None, eos_id=tok.eos_id), **cfg})
+    tiny = dict(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, n_inner=32,
+                max_seq_len=96, bos_id=None, eos_id=tok.eos_id)
+    families = {"gpt2": dict(model_type="gpt2"), "llama": dict(model_type="llama", n_kv_head=1)}
+    for family, cfg in families.items():
+        config = modeling.ModelConfig(**{**tiny, **cfg})
         hf.save_pretrained(modeling.Transformer(config), str(tmp / family), tok)
     words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st"]
-    rows = [{"instruction": f"say {words[i % 10]}", "context": "" if i % 2 else f"w {i}", "response": f"{words[i % 10]} {i}",
-             "category": "x"} for i in range(200)]
+    rows = [{"instruction": f"say {words[i % 10]}", "context": "" if i % 2 else f"w {i}",
+             "response": f"{words[i % 10]} {i}", "category": "x"} for i in range(200)]
     (tmp / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp / "wiki.jsonl").write_text("".join(json.dumps({"text": f"document {i} " + "lorem ipsum " * (3 + i % 5)}) + "\n"
-                                            for i in range(200)))
+    docs = [{"text": f"document {i} " + "lorem ipsum " * (3 + i % 5)} for i in range(200)]
+    (tmp / "wiki.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     train_set = data.load_task(f"dolly:{tmp / 'dolly.jsonl'}", "train", tok, 64)
-    (tmp / "rejected.jsonl").write_text("".join(json.dumps({"id": e.id, "rejected": "no"}) + "\n" for e in train_set))
+    rejected = [{"id": e.id, "rejected": "no"} for e in train_set]
+    (tmp / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
     for family in ("gpt2", "llama"):
-        negatives.main(["--model", str(tmp / family), "--data", f"dolly:{tmp / 'dolly.jsonl'}", "--spec", "an:11",
-                        "--out", str(tmp / f"an_{family}"), "--max-new-tokens", "6", "--max-len", "64", "--device", "cpu"])
+        negatives.main(["--model", str(tmp / family), "--data", f"dolly:{tmp / 'dolly.jsonl'}",
+                        "--spec", "an:11", "--out", str(tmp / f"an_{family}"), "--max-new-tokens", "6",
+                        "--max-len", "64", "--device", "cpu"])
     return tmp
 
 
@@ -133,7 +139,8 @@ def test_preset_runs_one_step_as_shipped(name, stand_ins, tmp_path):
 
 
 def test_bn_presets_run_one_step_as_shipped_on_two_ranks(stand_ins, tmp_path):
-    """All BN presets in one torchrun launch of 2 CPU ranks: micro-batch 2, 16 micro-steps per rank, batch 64."""
+    """All BN presets in one torchrun launch of 2 CPU ranks: micro-batch 2, 16 micro-steps per rank, a
+    global batch of 64."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "preset_driver.py"), str(stand_ins), str(tmp_path), *BN_PRESETS]
@@ -147,18 +154,21 @@ def test_bn_presets_run_one_step_as_shipped_on_two_ranks(stand_ins, tmp_path):
 
 
 def bn_negatives_by_split(cfg, train_set, policy, ref, tok, world, micro):
-    """{position in the global batch: its BN negatives} when step 0's batch is split over `world` ranks in
-    micro-batches of `micro`, exactly as train() splits it (data.micro_batches) and wires it (train.cpo_batch)."""
+    """{position in the global batch: its BN negatives} when step 0's batch is split over `world`
+    ranks in micro-batches of `micro`, exactly as train() splits it (data.micro_batches) and wires
+    it (train.cpo_batch)."""
     indices = data.global_batch(0, len(train_set), cfg.batch_size, cfg.seed)
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id, ref_cache=None,
                        batch=[train_set[i] for i in indices])
     out = {}
     for rank in range(world):
-        for m, chunk in enumerate(data.micro_batches(indices, rank, world, micro)):
+        chunks = data.micro_batches(indices, rank, world, micro)
+        for m, chunk in enumerate(chunks):
             ids, mask, valid, _ = train.cpo_batch(cfg, policy, ref, [train_set[i] for i in chunk], rt)
-            first = (rank * len(data.micro_batches(indices, rank, world, micro)) + m) * micro
+            first = (rank * len(chunks) + m) * micro
             for b in range(len(chunk)):  # cfg.negatives is "bn:N", unranked: columns 1..N are BN
-                out[first + b] = [ids[b, k][mask[b, k]].tolist() for k in range(1, ids.shape[1]) if valid[b, k]]
+                out[first + b] = [ids[b, k][mask[b, k]].tolist()
+                                  for k in range(1, ids.shape[1]) if valid[b, k]]
     return out
 
 
@@ -171,17 +181,20 @@ def test_bn_negatives_do_not_depend_on_micro_batch_or_world_size(stand_ins):
     assert len(one) == 64 and all(len(v) == 3 for v in one.values())
     assert one == bn_negatives_by_split(cfg, train_set, policy, ref, tok, world=1, micro=2)
     assert one == bn_negatives_by_split(cfg, train_set, policy, ref, tok, world=2, micro=2)
-    truths = {tuple(train_set[i].continuation_ids) for i in data.global_batch(0, len(train_set), 64, cfg.seed)}
-    micro0 = {tuple(train_set[i].continuation_ids) for i in data.global_batch(0, len(train_set), 64, cfg.seed)[:2]}
+    batch = data.global_batch(0, len(train_set), 64, cfg.seed)
+    truths = {tuple(train_set[i].continuation_ids) for i in batch}
+    micro0 = {tuple(train_set[i].continuation_ids) for i in batch[:2]}
     drawn = {tuple(c) for v in one.values() for c in v}
-    assert drawn <= truths and not drawn <= micro0  # from the whole global batch, not the 2-example micro-batch
+    # from the whole global batch, not the 2-example micro-batch
+    assert drawn <= truths and not drawn <= micro0
 
 
-def test_repeated_examples_leave_bn_columns_invalid_and_an_impossible_spec_is_refused(tmp_path, capsys):
-    """7 examples, batch 8: every batch repeats one, and bn:6 can't be filled for every row. The run goes on and
-    says so; bn:7 (7 distinct answers: at most 6 others) is refused before training."""
-    cfg = tiny_config(objective="cpo", negatives="bn:6", n_train=7, batch_size=8, micro_batch_size=2, steps=2,
-                      ckpt_interval=0, out_dir=str(tmp_path / "a"))
+def test_repeated_examples_leave_bn_columns_invalid_and_an_impossible_spec_is_refused(
+        tmp_path, capsys, tiny_config):
+    """7 examples, batch 8: every batch repeats one, and bn:6 can't be filled for every row. The run goes on
+    and says so; bn:7 (7 distinct answers: at most 6 others) is refused before training."""
+    cfg = tiny_config(objective="cpo", negatives="bn:6", n_train=7, batch_size=8, micro_batch_size=2,
+                      steps=2, ckpt_interval=0, out_dir=str(tmp_path / "a"))
     train.train(cfg)
     assert "BN columns left invalid" in capsys.readouterr().out
     with pytest.raises(ValueError, match="7 batch negatives asked for"):
@@ -195,8 +208,9 @@ def tiny_checkpoint(folder, dtype, seed=0):
     torch_dtype as HF does)."""
     tok = byte_tokenizer()
     torch.manual_seed(seed)
-    config = modeling.ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
-                                  n_embd=32, n_inner=64, max_seq_len=64, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    config = modeling.ModelConfig(model_type="gpt2", vocab_size=tok.vocab_size, n_layer=2, n_head=2,
+                                  n_kv_head=2, n_embd=32, n_inner=64, max_seq_len=64, bos_id=tok.bos_id,
+                                  eos_id=tok.eos_id)
     m = modeling.Transformer(config)
     hf.save_pretrained(m.to(dtype), str(folder), tok)
     return str(folder)
@@ -207,18 +221,20 @@ def ckpt_weights(out_dir, step):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_checkpoint_trains_in_float32(dtype, tmp_path):
+def test_half_precision_checkpoint_trains_in_float32(dtype, tmp_path, tiny_config):
     half = tiny_checkpoint(tmp_path / "half", dtype)
     start, _ = hf.load(half)
     full = tmp_path / "full"
     hf.save_pretrained(start.float(), str(full), byte_tokenizer())  # the same weights, stored as float32
     runs = {}
     for name, init in [("half", half), ("full", str(full))]:
-        cfg = tiny_config(objective="mle", init_from=init, lr=1e-5, steps=3, ckpt_interval=0, out_dir=str(tmp_path / f"run_{name}"))
+        cfg = tiny_config(objective="mle", init_from=init, lr=1e-5, steps=3, ckpt_interval=0,
+                          out_dir=str(tmp_path / f"run_{name}"))
         train.train(cfg)
         runs[name] = ckpt_weights(cfg.out_dir, 3)
     start = start.float().state_dict()
-    assert all(runs["half"][k].dtype == torch.float32 for k in runs["half"])  # ckpt-N: float32 for exact resume
+    # ckpt-N: float32 for exact resume
+    assert all(runs["half"][k].dtype == torch.float32 for k in runs["half"])
     assert any(not torch.equal(runs["half"][k], start[k]) for k in start), "lr 1e-5 moved no parameter"
     for k in start:
         assert torch.isfinite(runs["half"][k]).all(), k
@@ -227,7 +243,7 @@ def test_half_precision_checkpoint_trains_in_float32(dtype, tmp_path):
     assert json.load(open(tmp_path / "run_half" / "final" / "nanocpo.json")) == {"max_len": cfg.max_len}
 
 
-def test_resume_from_a_bf16_start_is_bit_identical(tmp_path):
+def test_resume_from_a_bf16_start_is_bit_identical(tmp_path, tiny_config):
     init = tiny_checkpoint(tmp_path / "bf16", torch.bfloat16)
     cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:1", init_from=init, lr=1e-5, ckpt_interval=2,
                       save_dtype="float32")
@@ -235,16 +251,10 @@ def test_resume_from_a_bf16_start_is_bit_identical(tmp_path):
     train.train(replace(cfg, steps=2, out_dir=str(tmp_path / "stopped")))
     train.train(replace(cfg, steps=4, out_dir=str(tmp_path / "stopped"), resume=True))
     a, b = ckpt_weights(tmp_path / "straight", 4), ckpt_weights(tmp_path / "stopped", 4)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed bf16-start run differs from the uninterrupted one"
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    assert same, "resumed bf16-start run differs from the uninterrupted one"
 
 # ----------------------------------------------------------------------------- MN from pi_theta
-
-
-def perturbed(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
 
 
 def mn_columns(cfg, policy, ref, examples, rt):
@@ -253,23 +263,24 @@ def mn_columns(cfg, policy, ref, examples, rt):
     return ids[:, 1:4]
 
 
-def test_mn_samples_from_the_current_policy_and_the_ref_option_works(tmp_path):
+def test_mn_samples_from_the_current_policy_and_the_ref_option_works(tmp_path, tiny_config, perturb):
     cfg = tiny_config(objective="cpo", negatives="mn:3,tn:1", ranked=False)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id)
     before = mn_columns(cfg, policy, ref, examples, rt)
-    perturbed(ref, 1)
+    perturb(ref, seed=1, scale=0.5)
     assert torch.equal(mn_columns(cfg, policy, ref, examples, rt), before)  # pi_ref doesn't matter
-    perturbed(policy, 2)
+    perturb(policy, seed=2, scale=0.5)
     after = mn_columns(cfg, policy, ref, examples, rt)
     assert not torch.equal(after, before)  # the policy's new weights give new samples
     as_ref = replace(cfg, mn_model="ref")
     from_ref = mn_columns(as_ref, policy, ref, examples, rt)
-    perturbed(policy, 3)
-    assert torch.equal(mn_columns(as_ref, policy, ref, examples, rt), from_ref)  # --mn_model=ref: the policy doesn't matter
-    perturbed(ref, 4)
+    perturb(policy, seed=3, scale=0.5)
+    # --mn_model=ref: the policy doesn't matter
+    assert torch.equal(mn_columns(as_ref, policy, ref, examples, rt), from_ref)
+    perturb(ref, seed=4, scale=0.5)
     assert not torch.equal(mn_columns(as_ref, policy, ref, examples, rt), from_ref)
     # policy samples are never cached (new every step); pi_ref samples are, once per distinct sequence
     train.cpo_objective(cfg, policy, ref, examples, rt)
@@ -277,7 +288,8 @@ def test_mn_samples_from_the_current_policy_and_the_ref_option_works(tmp_path):
     rt.ref_cache = train.scoring.ReferenceCache()
     train.cpo_objective(replace(as_ref, fixed_negatives=True), policy, ref, examples, rt)
     assert len(rt.ref_cache.entries) > 2 * len(examples)  # fixed negatives from pi_ref come back: cached
-    train.train(replace(as_ref, steps=1, ckpt_interval=0, out_dir=str(tmp_path)))  # a run with --mn_model=ref
+    # a run with --mn_model=ref
+    train.train(replace(as_ref, steps=1, ckpt_interval=0, out_dir=str(tmp_path)))
 
 # ----------------------------------------------------------------------------- every README command parses
 
@@ -331,7 +343,9 @@ def test_every_readme_command_parses(monkeypatch):
             try:
                 preset, flags = train.parse_args(argv)
             except Parsed as e:
-                preset, flags = e.args[0].preset, {k: v for k, v in vars(e.args[0]).items() if k != "preset" and v is not None}
+                ns = e.args[0]
+                preset = ns.preset
+                flags = {k: v for k, v in vars(ns).items() if k != "preset" and v is not None}
             except SystemExit as e:
                 assert argv == ["--help"] and e.code == 0, (script, argv)
                 continue
@@ -355,11 +369,11 @@ def test_generate_reads_the_training_max_len_and_cuts_wiki_references(tmp_path):
     assert hf.window_len(folder, net) == 64 and hf.window_len(folder, net, 30) == 30
     (tmp_path / "model" / hf.RUN_FILE).write_text(json.dumps({"max_len": 40}))  # as train.py writes final/
     assert hf.window_len(folder, net) == 40 and hf.window_len(folder, net, 30) == 30
-    (tmp_path / "wiki.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " + "lorem ipsum dolor " * 12}) + "\n"
-                                                 for i in range(20)))
+    docs = [{"text": f"doc {i} " + "lorem ipsum dolor " * 12} for i in range(20)]
+    (tmp_path / "wiki.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     task, out = f"wiki:{tmp_path / 'wiki.jsonl'}", tmp_path / "gens.jsonl"
-    evaluate.main(["generate", "--model", folder, "--task", task, "--split", "all", "--n", "0", "--out", str(out),
-                   "--max-new-tokens", "5"])
+    evaluate.main(["generate", "--model", folder, "--task", task, "--split", "all", "--n", "0",
+                   "--out", str(out), "--max-new-tokens", "5"])
     rows = {r["id"]: r for r in map(json.loads, open(out))}
     examples = {e.id: e for e in data.load_task(task, "all", tok, 40)}  # training's windows at max_len 40
     assert rows.keys() == examples.keys()

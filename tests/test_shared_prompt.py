@@ -1,6 +1,6 @@
-"""The shared-prompt forward (each prompt run once for its K continuations) against the naive path, where every
-prompt + continuation runs whole: the same log-probs, the same CPO gradients, the same reference cache, and
-DDP. Tiny random models with fixed seeds; ragged prompts and ragged continuations."""
+"""The shared-prompt forward (each prompt run once for its K continuations) against the naive path, where
+every prompt + continuation runs whole: the same log-probs, the same CPO gradients, the same reference cache,
+and DDP. Tiny random models with fixed seeds; ragged prompts and ragged continuations."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ import data
 import scoring
 import train
 from model import ModelConfig, Transformer
-from test_train import CPO, TINY, assert_weights_close, run, tiny_config, weights
+from test_train import CPO, TINY, assert_weights_close, run, weights
 
 V = 101
 
@@ -18,8 +18,8 @@ def stand_in(family):
     """A tiny GPT-2 (learned positions) or LLaMA (RoPE, grouped-query attention) with random weights."""
     torch.manual_seed(0)
     llama = family == "llama"
-    cfg = ModelConfig(model_type=family, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2 if llama else 4, n_embd=32,
-                      n_inner=64, max_seq_len=64, rope_theta=5000.0, tie_word_embeddings=not llama)
+    cfg = ModelConfig(model_type=family, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2 if llama else 4,
+                      n_embd=32, n_inner=64, max_seq_len=64, rope_theta=5000.0, tie_word_embeddings=not llama)
     return Transformer(cfg)
 
 
@@ -81,14 +81,13 @@ def cpo_grads(cfg, policy, ref, tok, examples, shared):
 
 
 @pytest.mark.parametrize("ranked", [False, True])  # eq. (1), eq. (2)
-def test_cpo_step_gradients_equal_the_naive_step(ranked):
+def test_cpo_step_gradients_equal_the_naive_step(ranked, tiny_config, perturb):
     # fixed negatives: BN and TN come back, so the reference cache holds more than the ground truths
-    cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:2", ranked=ranked, beta=5.0, fixed_negatives=True)
+    cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:2", ranked=ranked, beta=5.0,
+                      fixed_negatives=True)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
-    with torch.no_grad():  # make the policy differ from the reference, so the rewards are not all 0
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(policy)  # the policy differs from the reference, so the rewards are not all 0
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=6, seed=0)
     assert len({len(e.prompt_ids) for e in examples}) > 1  # ragged prompts
     shared, shared_cache = cpo_grads(cfg, policy, ref, tok, examples, shared=True)

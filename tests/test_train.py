@@ -16,18 +16,15 @@ import negatives
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--max_len=40", "--n_train=256", "--n_val=16", "--batch_size=8",
-        "--micro_batch_size=4", "--lr=1e-3", "--log_interval=1", "--eval_interval=0", "--device=cpu"]
+# the tiny CPU run; as a train.Config: the tiny_config fixture (tests/conftest.py)
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--max_len=40", "--n_train=256", "--n_val=16",
+        "--batch_size=8", "--micro_batch_size=4", "--lr=1e-3", "--log_interval=1", "--eval_interval=0",
+        "--device=cpu"]
 CPO = ["--objective=cpo", "--negatives=bn:2,mn:2,tn:2", "--ranked"]
 
-
-def tiny_config(**overrides):
-    preset, flags = train.parse_args(TINY)
-    return replace(train.Config(**flags), **overrides)
-
-
-SINGLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_run_preset.py")  # one run, no stages
-DEFAULT = os.path.join(ROOT, "config", "default.py")  # named explicitly: the stages, with the flags applied to each
+SINGLE = os.path.join(ROOT, "tests", "single_run_preset.py")  # one run, no stages
+# the default preset, named explicitly: its stages run, with the flags applied to each
+DEFAULT = os.path.join(ROOT, "config", "default.py")
 
 
 def run(args, nproc=1, check=True, preset=SINGLE):
@@ -36,7 +33,8 @@ def run(args, nproc=1, check=True, preset=SINGLE):
     if nproc == 1:
         cmd = [sys.executable, "train.py", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train.py", *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -68,8 +66,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     run([*args, f"--out_dir={tmp_path / 'straight'}"])
     # the same run, killed with SIGKILL as soon as its first checkpoint is announced
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", SINGLE, *args, f"--out_dir={tmp_path / 'killed'}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "train.py", SINGLE, *args, f"--out_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     for line in proc.stdout:
         if line.startswith("saved") and "ckpt-" in line:
             proc.send_signal(signal.SIGKILL)
@@ -83,7 +82,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
 
 
-def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch, tiny_config):
     cfg = tiny_config(objective="mle", steps=6, ckpt_interval=2, out_dir=str(tmp_path / "run"))
     real_save = torch.save
 
@@ -113,30 +112,30 @@ def hand_logp(model, ids, mask):
 
 @pytest.mark.parametrize("shared_prompt", [False, True])
 @pytest.mark.parametrize("ranked", [False, True])
-def test_cpo_step_gradient_matches_hand_written_formula(ranked, shared_prompt):
+def test_cpo_step_gradient_matches_hand_written_formula(ranked, shared_prompt, tiny_config, perturb):
     # the shared-prompt forward sums the prompt's gradient over K continuations in another order: float32
     # rounding of near-zero gradient entries then differs by a few 1e-5, hence its looser atol
     cfg = tiny_config(objective="cpo", negatives="bn:2,mn:2,tn:2", ranked=ranked, beta=5.0)
     policy, tok = train.build_model(cfg)
     ref = train.frozen_copy(policy)
-    with torch.no_grad():  # make the policy differ from the reference, so the rewards are not all 0
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(policy)  # the policy differs from the reference, so the rewards are not all 0
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=4, seed=0)
-    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id, shared_prompt=shared_prompt)
+    rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id,
+                       shared_prompt=shared_prompt)
     loss_sum, _ = train.cpo_objective(cfg, policy, ref, examples, rt)
     (loss_sum / len(examples)).backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
 
-    ids, mask, valid, _ = negatives.build_cpo_batch(examples, cfg.negatives, ref, pad_id=tok.pad_id,
-                                                    eos_id=tok.eos_id, generator=train.negatives_generator(cfg, 0),
-                                                    ranked=ranked, mn_model=policy)  # MN from pi_theta, as train
+    # the negatives as train.cpo_batch draws them: step 0's generator, MN from pi_theta
+    ids, mask, valid, _ = negatives.build_cpo_batch(
+        examples, cfg.negatives, ref, pad_id=tok.pad_id, eos_id=tok.eos_id,
+        generator=train.negatives_generator(cfg, 0), ranked=ranked, mn_model=policy)
     B, K, _ = ids.shape
     total = 0
     for b in range(B):
-        r = [cfg.beta * (hand_logp(policy, ids[b, k], mask[b, k]) - hand_logp(ref, ids[b, k], mask[b, k]).detach())
-             for k in range(K) if valid[b, k]]
+        seqs = [(ids[b, k], mask[b, k]) for k in range(K) if valid[b, k]]
+        r = [cfg.beta * (hand_logp(policy, *s) - hand_logp(ref, *s).detach()) for s in seqs]
         if ranked:  # eq. (2)
             total = total - sum(r[k] - torch.logsumexp(torch.stack(r[k:]), 0) for k in range(len(r)))
         else:  # eq. (1)
@@ -151,7 +150,8 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
     out = run([*TINY, "--objective=mle", "--steps=6", "--ckpt_interval=1", "--lr=1e30", "--grad_clip=0",
                f"--out_dir={tmp_path}"], check=False)
     assert out.returncode != 0
-    assert "stopped before the update" in out.stderr and "Last good checkpoint" in out.stderr, out.stderr[-2000:]
+    said = "stopped before the update" in out.stderr and "Last good checkpoint" in out.stderr
+    assert said, out.stderr[-2000:]
     last = checkpoint.checkpoints(str(tmp_path))[-1]
     assert last in out.stderr
     weights(os.path.join(last, "model"))  # intact and loadable
@@ -160,12 +160,13 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
 def test_default_pipeline_prints_table(tmp_path):
     """`python train.py`, shortened (the default preset named, so flags do not make it one run): every stage
     runs a few steps, then the comparison table."""
-    out = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=DEFAULT)
+    args = ["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"]
+    out = run(args, preset=DEFAULT)
     for stage in ("ref", "mle", "cpo"):
         assert f"=== stage {stage}" in out.stdout and os.path.isdir(tmp_path / stage / "final")
     assert "| model | exact_match | correct_stop" in out.stdout
     assert "| cpo |" in out.stdout
-    again = run(["--steps=3", "--n_train=128", "--n_val=8", "--micro_batch_size=32", f"--out_dir={tmp_path}"], preset=DEFAULT)
+    again = run(args, preset=DEFAULT)
     assert "already trained" in again.stdout  # a rerun continues the pipeline instead of starting over
 
 
@@ -184,7 +185,7 @@ def test_every_preset_resolves():
                 train.Config(**{**config, **overrides})
 
 
-def test_cpo_example_without_valid_negative_sits_out_the_step():
+def test_cpo_example_without_valid_negative_sits_out_the_step(tiny_config, perturb):
     """An example whose continuation is a bare EOS has no truncation negative: it adds nothing to the loss
     while the other examples train as usual."""
     cfg = tiny_config(objective="cpo", negatives="tn:2")
@@ -193,11 +194,10 @@ def test_cpo_example_without_valid_negative_sits_out_the_step():
     examples = data.load_task("synthetic", "train", tok, cfg.max_len, n=3, seed=0)
     bare = replace(examples[0], id="bare", continuation_ids=[tok.eos_id])
     rt = train.Runtime(device=torch.device("cpu"), pad_id=tok.pad_id, eos_id=tok.eos_id)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(policy)
     with_bare, _ = train.cpo_objective(cfg, policy, ref, [bare] + examples, rt)
     without, _ = train.cpo_objective(cfg, policy, ref, examples, rt)
     torch.testing.assert_close(with_bare, without)
     alone, _ = train.cpo_objective(cfg, policy, ref, [bare], rt)
     assert alone.item() == 0.0
+

@@ -2,8 +2,9 @@
 one torchrun launch (one process group for all of them, as the startup dominates a tiny run):
     python tests/whole_run_driver.py START OUT MODE name [name ...] [--flag=value ...]
     torchrun --standalone --nproc_per_node=2 tests/whole_run_driver.py START OUT MODE name [name ...]
-START holds the shared inputs (tests/test_whole_runs.py writes them): the starting model start/final (= pi_ref),
-its AN cache an/ and DPO's rejected answers rejected.jsonl. MODE is one of MODES: how a preset distributes."""
+START holds the shared inputs (tests/test_whole_runs.py writes them): the starting model
+start/final (= pi_ref), its AN cache an/ and DPO's rejected answers rejected.jsonl. MODE is one of
+MODES: how a preset distributes."""
 import os
 import signal
 import sys
@@ -32,14 +33,16 @@ MODES = {"ddp": {}, "fsdp": dict(fsdp=True), "fsdp_ac": dict(fsdp=True, activati
 
 def whole_run(start, out_dir, mode, name, **overrides):
     cfg = train.Config(**{**BASE, **RUNS[name], **MODES[mode], "out_dir": out_dir, **overrides})
+    uses_an = "an:" in cfg.negatives and cfg.objective == "cpo"
     return replace(cfg, init_from=os.path.join(start, "start", "final"),
-                   an_cache=os.path.join(start, "an") if "an:" in cfg.negatives and cfg.objective == "cpo" else "",
+                   an_cache=os.path.join(start, "an") if uses_an else "",
                    dpo_rejected=os.path.join(start, "rejected.jsonl") if cfg.objective == "dpo" else "")
 
 
 def die_after_checkpoint(step):
-    """SIGKILL every process of the launch (torchrun and each rank, as when a node is lost) once the checkpoint
-    of `step` is on disk: deterministic, where a kill sent on seeing the log line lands steps too late."""
+    """SIGKILL every process of the launch (torchrun and each rank, as when a node is lost) once the
+    checkpoint of `step` is on disk: deterministic, where a kill sent on seeing the log line lands
+    steps too late."""
     def wrap(save):
         def save_then_die(cfg, done, *args):
             path = save(cfg, done, *args)
