@@ -596,9 +596,14 @@ def main(argv):
         run_pipeline(path, flags)
     else:
         train(Config(**{**base, **flags}))
+    close_distributed()
+
+
+def close_distributed():
+    """The end of a torchrun process. FSDP's hooks tie the sharded modules in reference cycles that only the
+    garbage collector frees: free them while their process group still exists (freed at interpreter exit,
+    gloo ranks sometimes abort with "terminate called without an active exception")."""
     if dist.is_initialized():
-        # FSDP's hooks tie the sharded modules in reference cycles that only the garbage collector frees: free
-        # them while their process group still exists (freed at interpreter exit, gloo ranks sometimes abort)
         gc.collect()
         dist.destroy_process_group()
 

@@ -39,3 +39,4 @@ if __name__ == "__main__":
     for name in sys.argv[3:]:
         print(f"=== {name}", flush=True)
         train.train(as_shipped(name, stand_ins, os.path.join(out, name)))
+    train.close_distributed()  # as train.py's main ends: FSDP's modules freed before the process group

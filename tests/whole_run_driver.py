@@ -64,3 +64,4 @@ if __name__ == "__main__":
     for name in [a for a in rest if not a.startswith("--")]:
         print(f"=== {mode} {name}", flush=True)
         train.train(whole_run(start, os.path.join(out, f"{mode}_{name}"), mode, name, **flags))
+    train.close_distributed()  # as train.py's main ends: FSDP's modules freed before the process group
