@@ -36,15 +36,13 @@ def test_the_example_runs_and_its_loss_falls(tmp_path):
 
 
 @pytest.mark.parametrize("ranked", [False, True])
-def test_the_example_loss_is_train_pys_loss(tmp_path, ranked):
+def test_the_example_loss_is_train_pys_loss(tmp_path, ranked, perturb):
     example = load_example()
     torch.manual_seed(0)
     policy, encode, eos_id = example.load()
     policy.eval().double()  # float64: the two paths' sums then agree far inside the tolerance
     ref = copy.deepcopy(policy)
-    with torch.no_grad():  # a policy that has moved away from pi_ref, so the loss is not just log K
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(policy, seed=0, scale=0.05)  # a policy that has moved away from pi_ref: the loss is not log K
     g = torch.Generator().manual_seed(0)
     ids, mask, valid = example.make_batch(example.PAIRS, encode, eos_id, generator=g)  # 2 TN, 2 BN each
     B, K, T = ids.shape
