@@ -225,11 +225,11 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     run (scoring.ReferenceCache): the ground truth and AN read from an_cache always; with fixed_negatives
     (the caller passes the same generator every step) also BN, TN and MN drawn from `model`, never MN drawn
     from another mn_model (the policy changes every step)."""
-    kinds = parse_spec(spec) if isinstance(spec, str) else list(spec)
+    counts = parse_spec(spec) if isinstance(spec, str) else list(spec)
     base = int(torch.randint(0, 2**62, (1,), generator=generator))
     gts = [list(ex.continuation_ids) for ex in examples]
     rows = [[gt] for gt in gts]  # per example: ground truth, then negatives (None = missing)
-    for kind, n in kinds:
+    for kind, n in counts:
         gens = [make_generator(base, ex.id, kind) for ex in examples]
         if kind == "an" and an_cache is not None:
             negs = [_from_cache(an_cache, ex.id, n) for ex in examples]
@@ -258,7 +258,7 @@ def build_cpo_batch(examples, spec, model, pad_id, eos_id, generator=None, an_ca
     input_ids, cont_mask = ids.view(B, K, -1), mask.view(B, K, -1)
     comes_back = {"an": an_cache is not None, "bn": fixed_negatives, "tn": fixed_negatives,
                   "mn": fixed_negatives and mn_model in (None, model)}
-    cacheable = torch.tensor([True] + [comes_back[kind] for kind, n in kinds for _ in range(n)]).repeat(B, 1)
+    cacheable = torch.tensor([True] + [comes_back[kind] for kind, n in counts for _ in range(n)]).repeat(B, 1)
     if ranked:
         order = rank_by_similarity(embed_fn(model, ids, mask).view(B, K, -1), valid).cpu()  # (B, K)
         input_ids = input_ids.gather(1, order[:, :, None].expand_as(input_ids))
