@@ -153,4 +153,4 @@ def test_the_rows_generate_runs_on_the_nodes_gpu_without_a_flag(monkeypatch):
     for gpu in (True, False):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
         evaluate.main(argv)
-    assert devices == ["cuda", "cpu"]
+    assert devices == ["cuda:0", "cpu"]  # model.resolve_device: this process's GPU (LOCAL_RANK, else 0)
