@@ -50,9 +50,9 @@ class Config:
     negatives: str = opt("bn:3,mn:5,tn:3", "cpo: the negatives per example, "
                                            "e.g. an:11 or bn:3,mn:5,tn:3 (the paper's MixN)")
     mn_model: str = opt("policy", "cpo: MN samples from 'policy' (pi_theta, the paper's §3: the current "
-                                  "weights, no grad; new samples every step, so their log pi_ref is "
-                                  "computed every step, never cached) or 'ref' (pi_ref: fixed samples per "
-                                  "seed and example, scored once and cached; not the paper's)")
+                                  "weights, no grad; their log pi_ref is computed every step, never "
+                                  "cached) or 'ref' (pi_ref, not the paper's; with --fixed_negatives its "
+                                  "samples are the same every epoch and their log pi_ref is cached)")
     fixed_negatives: bool = opt(False, "cpo: draw each example's BN/MN/TN negatives once for the whole run "
                                        "(the same every epoch), for comparison; by default they are drawn "
                                        "afresh each step, as the paper's expectation over negatives does")
