@@ -112,6 +112,12 @@ class Config:
 def load_preset(path, experiment=False):
     """A preset is a Python file defining `config = dict(...)`, and optionally `stages` (see default.py).
     An experiment (experiments/*.py) adds `experiment`: miniature.py reads it with experiment=True."""
+    if not os.path.isfile(path):
+        name = os.path.basename(path)
+        moved = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", name)
+        hint = (f"; miniature.py's experiments live in experiments/: python miniature.py --config "
+                f"experiments/{name}") if os.path.isfile(moved) else ""
+        raise SystemExit(f"{path}: no such preset file (train.py's presets are config/*.py){hint}")
     # presets import their shared settings (config/paper.py)
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:

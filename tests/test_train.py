@@ -201,3 +201,12 @@ def test_cpo_example_without_valid_negative_sits_out_the_step(tiny_config, pertu
     alone, _ = train.cpo_objective(cfg, policy, ref, [bare], rt)
     assert alone.item() == 0.0
 
+
+
+def test_an_experiment_or_a_missing_preset_is_refused_in_one_line():
+    """experiments/*.py are miniature.py's; config/study.py moved there: train.py says which command to run."""
+    for preset, words in [("experiments/study.py", "python miniature.py --config experiments/study.py"),
+                          ("config/study.py", "python miniature.py --config experiments/study.py"),
+                          ("config/no_such_preset.py", "no such preset file")]:
+        out = run([], check=False, preset=preset)  # relative to the repository, as a user types it
+        assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
