@@ -204,7 +204,7 @@ def test_cpo_example_without_valid_negative_sits_out_the_step(tiny_config, pertu
 
 
 def test_an_experiment_or_a_missing_preset_is_refused_in_one_line():
-    """experiments/*.py are miniature.py's; config/study.py moved there: train.py says which command to run."""
+    """experiments/*.py are miniature.py's; config/study.py moved there: train.py names the command."""
     for preset, words in [("experiments/study.py", "python miniature.py --config experiments/study.py"),
                           ("config/study.py", "python miniature.py --config experiments/study.py"),
                           ("config/no_such_preset.py", "no such preset file")]:
