@@ -80,25 +80,25 @@ class ReferenceCache:
     (sequence_keys) to its log pi_ref; checkpoints save it, so a resumed run reads back the very numbers the
     uninterrupted run would (recomputed in another batch, with other padding, they can differ in the last
     bit). Used in two steps around pi_ref's forward pass, which stays the caller's (train.reference_logps):
-    rows_to_score says which groups need it, fill puts its scores and the cached values together."""
+    lookup says which groups need it, fill puts its scores and the cached values together."""
 
     def __init__(self, entries=None):
         self.entries = {} if entries is None else entries
 
-    def rows_to_score(self, ids, mask, cacheable):
-        """(B, K, T) groups and their (B, K) cacheable mask -> the rows b to score: those with any sequence
-        that is not cacheable or not cached yet (a row is scored whole, its prompt run once)."""
+    def lookup(self, ids, mask, cacheable):
+        """(B, K, T) groups and their (B, K) cacheable mask -> (the B*K sequence keys, the rows b to score):
+        those with any sequence that is not cacheable or not cached yet (a row is scored whole, its prompt
+        run once)."""
         B, K, _ = ids.shape
         keys = sequence_keys(ids.flatten(0, 1), mask.flatten(0, 1))
         known = [c and k in self.entries for c, k in zip(cacheable.flatten().tolist(), keys)]
-        return [b for b in range(B) if not all(known[b * K:(b + 1) * K])]
+        return keys, [b for b in range(B) if not all(known[b * K:(b + 1) * K])]
 
-    def fill(self, ids, mask, cacheable, rows, scores, device):
-        """The (B, K) log pi_ref of every group, on `device`: scores (len(rows), K) for `rows` (None when
-        there are none), the cache for the others. The cacheable sequences among the scored ones are
-        stored."""
-        B, K, _ = ids.shape
-        keys = sequence_keys(ids.flatten(0, 1), mask.flatten(0, 1))
+    def fill(self, keys, cacheable, rows, scores, device):
+        """lookup's keys and rows -> the (B, K) log pi_ref of every group, on `device`: scores (len(rows), K)
+        for `rows` (None when there are none), the cache for the others. The cacheable sequences among the
+        scored ones are stored."""
+        B, K = cacheable.shape
         out = [[self.entries.get(keys[b * K + k]) for k in range(K)] for b in range(B)]
         for b, row in zip(rows, [] if scores is None else scores.tolist()):
             out[b] = row

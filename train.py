@@ -156,7 +156,7 @@ def reference_logps(ref, ids, mask, cacheable, rt):
     scored; with one, only the groups holding a sequence it cannot answer (scoring.ReferenceCache)."""
     if rt.ref_cache is None:
         return group_logps(ref, ids, mask, rt).float()
-    rows = rt.ref_cache.rows_to_score(ids, mask, cacheable)
+    keys, rows = rt.ref_cache.lookup(ids, mask, cacheable)
     run_forward = bool(rows)
     if fsdp.is_sharded(ref):
         # A sharded pi_ref all-gathers its weights inside the forward, a collective: every rank runs it or
@@ -165,7 +165,7 @@ def reference_logps(ref, ids, mask, cacheable, rt):
     scores = None
     if run_forward:
         scores = group_logps(ref, ids[rows or [0]], mask[rows or [0]], rt).float()  # [0]: only to join in
-    return rt.ref_cache.fill(ids, mask, cacheable, rows, scores if rows else None, rt.device)
+    return rt.ref_cache.fill(keys, cacheable, rows, scores if rows else None, rt.device)
 
 
 def negatives_generator(cfg, step):
@@ -461,7 +461,7 @@ def train(cfg):
         policy = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         policy = torch.compile(policy)
-    fpt, peak = flops_per_token(model), peak_flops(device)
+    fpt, peak, bn = flops_per_token(model), peak_flops(device), bn_count(cfg)
     t_start, t_last, tokens_since = time.time(), time.time(), 0
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
@@ -473,7 +473,7 @@ def train(cfg):
         units = UNITS[cfg.objective](cfg, rt.batch)  # examples or tokens in the global batch
         chunks = data.micro_batches(indices, rank, world, cfg.micro_batch_size)
         micro = [[train_set[i] for i in chunk] for chunk in chunks]
-        short = negatives.bn_shortfall([e.continuation_ids for e in rt.batch], bn_count(cfg))
+        short = bn and negatives.bn_shortfall([e.continuation_ids for e in rt.batch], bn)
         if short:
             log(f"step {step + 1}: {short} BN columns left invalid "
                 f"(the global batch repeats examples or answers)")
